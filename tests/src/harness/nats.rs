@@ -1,0 +1,70 @@
+//! A real `nats-server -js` on a free port with its store in a temp dir.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::process::{Supervised, free_port, require_binary, wait_for_port};
+
+pub struct NatsServer {
+    port: u16,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    process: Supervised,
+}
+
+impl NatsServer {
+    /// Starts a server a test owns: it can be stopped and restarted with its
+    /// store intact; the temp dir goes when the value drops.
+    pub fn start() -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("tollgate-nats-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let port = free_port()?;
+        let process = spawn(port, &dir, false)?;
+        Ok(Self { port, dir, _tmp: Some(tmp), process })
+    }
+
+    /// Starts a server for the whole test process: statics never drop, so the
+    /// supervisor removes the temp dir when the process exits.
+    pub(super) fn start_for_process() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tollgate-nats-").tempdir()?.keep();
+        let port = free_port()?;
+        let process = spawn(port, &dir, true)?;
+        Ok(Self { port, dir, _tmp: None, process })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server (SIGTERM), keeping its store.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.stop();
+        self.process = spawn(self.port, &self.dir, self._tmp.is_none())?;
+        Ok(())
+    }
+}
+
+fn spawn(port: u16, dir: &Path, cleanup: bool) -> anyhow::Result<Supervised> {
+    let bin = require_binary("nats-server", "nats-server")?;
+    let args = vec![
+        "-js".into(),
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-sd".into(),
+        dir.join("store").display().to_string(),
+    ];
+    let process = Supervised::spawn(&bin, &args, cleanup.then_some(dir), &dir.join("nats.log"))?;
+    wait_for_port(port, Duration::from_secs(20))?;
+    Ok(process)
+}

@@ -1,0 +1,213 @@
+//! The foundation against real servers: migrations, isolation, bus dedup.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, Outgoing, StreamSettings};
+use tollgate_schemas::events::{ApiFormat, Event, EventKind, EventMeta, RequestEvent};
+use tollgate_schemas::migrations;
+use tollgate_tests::harness::{TestEnv, ch_client, shared};
+
+/// `SHOW CREATE` of every table and view, and the recorded migrations.
+async fn schema_of(env: &TestEnv) -> Vec<String> {
+    let ch = ch_client(&env.clickhouse_url);
+    let tables: Vec<String> = ch
+        .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(&env.database)
+        .fetch_all()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for t in tables {
+        let ddl: String = ch
+            .query(&format!("SHOW CREATE TABLE {}.{}", env.database, t))
+            .fetch_one()
+            .await
+            .unwrap();
+        out.push(ddl);
+    }
+    let versions: Vec<(u32, String)> = ch
+        .query(&format!("SELECT version, name FROM {}.schema_migrations FINAL ORDER BY version", env.database))
+        .fetch_all()
+        .await
+        .unwrap();
+    out.extend(versions.into_iter().map(|(v, n)| format!("{v}:{n}")));
+    out
+}
+
+#[tokio::test]
+async fn migrations_applied_twice_equal_once() {
+    let env = TestEnv::new();
+    let first = env.migrate().await.unwrap();
+    assert_eq!(first, (1..=migrations::latest_version()).collect::<Vec<_>>());
+    let once = schema_of(&env).await;
+    let second = env.migrate().await.unwrap();
+    assert!(second.is_empty(), "second run applied {second:?}");
+    assert_eq!(schema_of(&env).await, once);
+
+    // The finance contract exists.
+    let ch = env.ch();
+    let tables: Vec<String> = ch.query("SHOW TABLES").fetch_all().await.unwrap();
+    for t in ["usage", "ledger", "invoices", "invoice_lines"] {
+        assert!(tables.contains(&t.to_string()), "{t} missing from {tables:?}");
+    }
+}
+
+#[tokio::test]
+async fn migrations_on_an_existing_database_keep_its_data() {
+    let env = TestEnv::new();
+    env.migrate().await.unwrap();
+    env.ch()
+        .query("INSERT INTO usage_events (event_id, tenant_id, occurred_at, cost, inserted_at) VALUES ('e1', 'acme', now(), 1.25, now())")
+        .execute()
+        .await
+        .unwrap();
+    // Simulate a database made by an older release: forget the newest step.
+    env.ch()
+        .query(&format!("ALTER TABLE schema_migrations DELETE WHERE version = {}", migrations::latest_version()))
+        .execute()
+        .await
+        .unwrap();
+    // Mutations are asynchronous on 18.16: wait until it is gone.
+    for _ in 0..100 {
+        let n: u64 = env.ch().query("SELECT count() FROM schema_migrations WHERE version = ?")
+            .bind(migrations::latest_version()).fetch_one().await.unwrap();
+        if n == 0 { break; }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let applied = env.migrate().await.unwrap();
+    assert_eq!(applied, vec![migrations::latest_version()]);
+    let (n, cost): (u64, String) = env
+        .ch()
+        .query("SELECT count(), toString(sum(cost)) FROM usage")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!((n, cost.as_str()), (1, "1.250000000000"));
+}
+
+#[tokio::test]
+async fn usage_view_is_exact_under_duplicate_inserts() {
+    let env = TestEnv::new();
+    env.migrate().await.unwrap();
+    for _ in 0..3 {
+        env.ch()
+            .query("INSERT INTO usage_events (event_id, tenant_id, occurred_at, input_tokens, cost, inserted_at) VALUES ('e1', 'acme', toDateTime('2026-11-01 00:00:00'), 7, 0.5, now())")
+            .execute()
+            .await
+            .unwrap();
+    }
+    let raw: u64 = env.ch().query("SELECT count() FROM usage_events").fetch_one().await.unwrap();
+    assert_eq!(raw, 3, "storage keeps the re-inserts until a merge");
+    let (n, tokens): (u64, u64) =
+        env.ch().query("SELECT count(), sum(input_tokens) FROM usage").fetch_one().await.unwrap();
+    assert_eq!((n, tokens), (1, 7), "the contract view is exact when read");
+}
+
+async fn publish_request_event(bus: &JetStreamBus, event: &Event) -> tollgate_schemas::bus::PublishReceipt {
+    bus.publish(Outgoing {
+        subject: bus.names().event_subject(event.kind(), &event.meta().tenant_id),
+        id: event.meta().id.to_string(),
+        payload: Bytes::from(event.to_json()),
+        headers: vec![("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())],
+    })
+    .await
+    .unwrap()
+}
+
+fn request_event(tenant: &str) -> Event {
+    Event::Request(RequestEvent {
+        meta: EventMeta::new(tenant, "k1", "req-1"),
+        api: ApiFormat::OpenaiChat,
+        method: "POST".into(),
+        route: "/v1/chat/completions".into(),
+        model: Some("mock-gpt".into()),
+        status: 200,
+        error_type: None,
+        streamed: false,
+        latency_ms: 1,
+        deployment: None,
+    })
+}
+
+#[tokio::test]
+async fn same_event_published_twice_is_stored_once() {
+    let env = TestEnv::new();
+    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default()).await.unwrap();
+    let event = request_event("acme");
+    let a = publish_request_event(&bus, &event).await;
+    let b = publish_request_event(&bus, &event).await;
+    assert!(!a.duplicate);
+    assert!(b.duplicate, "second publish must be recognised as a duplicate");
+    assert_eq!(a.position, b.position);
+    assert_eq!(bus.head().await.unwrap(), 1);
+
+    // And it is delivered once, with its headers, and commits.
+    let mut consumer = bus.consumer(ConsumerSpec::new(env.names.events_filter())).await.unwrap();
+    let batch = consumer.fetch(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].header("traceparent").map(str::len), Some(55));
+    assert_eq!(env.names.kind_of_subject(&batch[0].subject), Some(EventKind::Request));
+    assert_eq!(Event::from_json(&batch[0].payload).unwrap(), event);
+    consumer.commit(batch.into_iter().map(|d| d.commit).collect()).await.unwrap();
+    assert!(consumer.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn uncommitted_deliveries_come_back() {
+    let env = TestEnv::new();
+    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default()).await.unwrap();
+    publish_request_event(&bus, &request_event("acme")).await;
+    let mut spec = ConsumerSpec::new(env.names.events_filter());
+    spec.durable = Some("meter".into());
+    spec.ack_wait = Duration::from_secs(1);
+    let mut c = bus.consumer(spec.clone()).await.unwrap();
+    let first = c.fetch(1, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    drop(first); // never committed
+    let again = c.fetch(1, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(again[0].attempt >= 2, "attempt {}", again[0].attempt);
+}
+
+/// Two tests' worth of traffic on the shared servers, in parallel: neither
+/// sees the other's stream messages, KV buckets or ClickHouse rows.
+#[tokio::test]
+async fn parallel_tests_never_see_each_other() {
+    let (a, b) = (TestEnv::new(), TestEnv::new());
+    assert_ne!(a.names, b.names);
+    assert_ne!(a.database, b.database);
+    async fn run(env: &TestEnv, tenant: &'static str, n: usize) -> (Vec<String>, Vec<String>) {
+        let (url, names) = (env.nats_url.clone(), env.names.clone());
+        let ch = env.ch();
+        {
+            env.migrate().await.unwrap();
+            let bus = JetStreamBus::connect(&url, names.clone(), StreamSettings::default()).await.unwrap();
+            for _ in 0..n {
+                publish_request_event(&bus, &request_event(tenant)).await;
+            }
+            ch.query(&format!("INSERT INTO usage_events (event_id, tenant_id, occurred_at, cost, inserted_at) VALUES ('{tenant}', '{tenant}', now(), 1, now())"))
+                .execute()
+                .await
+                .unwrap();
+            let mut c = bus.consumer(ConsumerSpec::new(names.events_filter())).await.unwrap();
+            let got = c.fetch(100, Duration::from_secs(1)).await.unwrap();
+            let tenants: Vec<String> = ch.query("SELECT DISTINCT tenant_id FROM usage").fetch_all().await.unwrap();
+            (got.into_iter().map(|d| Event::from_json(&d.payload).unwrap().meta().tenant_id.clone()).collect::<Vec<_>>(), tenants)
+        }
+    }
+    let ((ga, ta), (gb, tb)) = tokio::join!(run(&a, "alpha", 5), run(&b, "beta", 7));
+    assert_eq!(ga.len(), 5);
+    assert_eq!(gb.len(), 7);
+    assert!(ga.iter().all(|t| t == "alpha") && gb.iter().all(|t| t == "beta"));
+    assert_eq!(ta, vec!["alpha".to_string()]);
+    assert_eq!(tb, vec!["beta".to_string()]);
+}
+
+#[test]
+fn shared_servers_are_real_and_answer() {
+    let s = shared();
+    let version = s.clickhouse.exec("SELECT version()").unwrap();
+    assert!(!version.trim().is_empty());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", s.nats.port())).is_ok());
+}
