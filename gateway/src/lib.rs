@@ -1,1 +1,22 @@
-//! gateway
+//! Tollgate's gateway: a stateless OpenAI-compatible API that authenticates,
+//! limits, routes with failover, relays (streams unbuffered), meters every
+//! token and publishes the facts to the event bus.
+//!
+//! `main.rs` is thin; [`run`] is the testable entry point.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod limits;
+pub mod openai;
+pub mod proxy;
+pub mod publisher;
+pub mod routing;
+pub mod sse;
+pub mod telemetry;
+pub mod tokens;
+
+pub use app::run;
+pub use config::Config;

@@ -8,9 +8,11 @@
 
 pub mod bus;
 pub mod events;
+pub mod kv;
 pub mod migrations;
 pub mod money;
 pub mod names;
+pub mod records;
 
 pub use events::{Event, EventKind, RequestEvent, TokenCountEvent, UsageEvent};
 pub use names::Names;

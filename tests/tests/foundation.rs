@@ -211,3 +211,15 @@ fn shared_servers_are_real_and_answer() {
     assert!(!version.trim().is_empty());
     assert!(std::net::TcpStream::connect(("127.0.0.1", s.nats.port())).is_ok());
 }
+
+#[tokio::test]
+async fn kv_buckets_are_created_once_and_work() {
+    let env = TestEnv::new();
+    let js = async_nats::jetstream::new(env.nats().await.unwrap());
+    let kv = tollgate_schemas::kv::ensure(&js, &env.names.kv_keys, 1).await.unwrap();
+    kv.put("k", "v1".into()).await.unwrap();
+    // Ensuring again opens the same bucket, data intact.
+    let again = tollgate_schemas::kv::ensure(&js, &env.names.kv_keys, 1).await.unwrap();
+    assert_eq!(again.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+    assert_eq!(again.get("missing").await.unwrap(), None);
+}

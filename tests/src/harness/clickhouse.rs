@@ -100,38 +100,16 @@ pub fn write_config(dir: &Path, http_port: u16, tcp_port: u16) -> anyhow::Result
     for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
         std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("mkdir {sub}"))?;
     }
-    let d = dir.display();
-    let config = format!(
-        r#"<?xml version="1.0"?>
-<yandex>
-    <logger>
-        <level>warning</level>
-        <log>{d}/log/clickhouse-server.log</log>
-        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
-        <size>10M</size>
-        <count>2</count>
-    </logger>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http_port}</http_port>
-    <tcp_port>{tcp_port}</tcp_port>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <mark_cache_size>268435456</mark_cache_size>
-    <uncompressed_cache_size>268435456</uncompressed_cache_size>
-    <max_concurrent_queries>200</max_concurrent_queries>
-    <mlock_executable>false</mlock_executable>
-</yandex>
-"#
-    );
+    let config = CONFIG_XML
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@HTTP_PORT@", &http_port.to_string())
+        .replace("@TCP_PORT@", &tcp_port.to_string());
     std::fs::write(dir.join("config.xml"), config)?;
     std::fs::write(dir.join("users.xml"), USERS_XML)?;
     Ok(())
 }
 
+/// The same server config the local stack uses (deploy/clickhouse/).
+pub const CONFIG_XML: &str = include_str!("../../../deploy/clickhouse/config.xml.in");
 /// `default` (no password, loopback only) and `finance` (read-only).
 pub const USERS_XML: &str = include_str!("../../../deploy/clickhouse/users.xml");

@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# Tollgate's local stack, from one laptop.
+#
+#   ./deploy/local.sh up       install what is missing, build, start everything, write .local/env
+#   ./deploy/local.sh down     stop everything `up` started
+#   ./deploy/local.sh status   what runs, where
+#   ./deploy/local.sh test     install what is missing and run every test
+#
+# Everything lives under .local/ (git-ignored) and uses ports of its own
+# (17400 and up), so it never collides with a NATS or ClickHouse already
+# running. `up` is idempotent: a service already running is left alone.
+#
+# Knobs (environment):
+#   TOLLGATE_LOCAL_DIR   where state goes (default: <repo>/.local)
+#   TOLLGATE_PORT_BASE   first port (default 17400)
+#   TOLLGATE_PROFILE     cargo profile for the services (default release)
+#   OTEL_*               passed through to the services
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOCAL=${TOLLGATE_LOCAL_DIR:-$ROOT/.local}
+BASE=${TOLLGATE_PORT_BASE:-17400}
+PROFILE=${TOLLGATE_PROFILE:-release}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+case $PROFILE in dev|debug) BIN=$TARGET/debug; PROFILE=dev ;; *) BIN=$TARGET/$PROFILE ;; esac
+
+NATS_PORT=$((BASE + 0))
+CH_HTTP_PORT=$((BASE + 1))
+CH_TCP_PORT=$((BASE + 2))
+GATEWAY_PORT=$((BASE + 10))
+BILLING_PORT=$((BASE + 11))
+METER_METRICS_PORT=$((BASE + 12))
+MOCK_PORT=$((BASE + 20))
+
+log() { printf '\033[1m[tollgate]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- install
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get: install them by hand"
+  local sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  log "installing ${missing[*]} (apt-get)"
+  if [ $APT_UPDATED -eq 0 ]; then $sudo apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+install_runtime() {
+  apt_install nats-server clickhouse-server curl
+  command -v cargo >/dev/null || die "cargo is required (https://rustup.rs)"
+}
+
+install_test_tools() {
+  install_runtime
+  apt_install python3-venv wrk
+  local venv=$LOCAL/venv
+  if [ ! -x "$venv/bin/pytest" ] || ! cmp -s "$ROOT/tests/python/requirements.txt" "$venv/requirements.txt"; then
+    log "creating the Python test venv (official openai and anthropic SDKs)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q -r "$ROOT/tests/python/requirements.txt"
+    cp "$ROOT/tests/python/requirements.txt" "$venv/requirements.txt"
+  fi
+}
+
+build() {
+  log "building services ($PROFILE)"
+  (cd "$ROOT" && cargo build --profile "$PROFILE" --bins -q)
+}
+
+# ---------------------------------------------------------------- processes
+pidfile() { echo "$LOCAL/run/$1.pid"; }
+running() { local p; p=$(pidfile "$1"); [ -f "$p" ] && kill -0 "$(cat "$p")" 2>/dev/null; }
+
+# start NAME CMD... : runs CMD in the background in its own session, once.
+start() {
+  local name=$1; shift
+  if running "$name"; then log "$name already running (pid $(cat "$(pidfile "$name")"))"; return 0; fi
+  mkdir -p "$LOCAL/run" "$LOCAL/log"
+  setsid "$@" >>"$LOCAL/log/$name.log" 2>&1 < /dev/null &
+  echo $! >"$(pidfile "$name")"
+  log "started $name (pid $!)"
+}
+
+stop() {
+  local name=$1 p pid
+  p=$(pidfile "$name")
+  [ -f "$p" ] || return 0
+  pid=$(cat "$p")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    log "stopped $name"
+  fi
+  rm -f "$p"
+}
+
+wait_http() {
+  local name=$1 url=$2
+  for _ in $(seq 1 300); do
+    curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+    running "$name" || { tail -n 30 "$LOCAL/log/$name.log" >&2 || true; die "$name exited; log: $LOCAL/log/$name.log"; }
+    sleep 0.1
+  done
+  die "$name not ready at $url; log: $LOCAL/log/$name.log"
+}
+
+wait_tcp() {
+  local name=$1 port=$2
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    running "$name" || die "$name exited; log: $LOCAL/log/$name.log"
+    sleep 0.1
+  done
+  die "$name not listening on $port"
+}
+
+# ---------------------------------------------------------------- services
+secret() { # a stable random secret per name, kept in .local/secrets
+  local f=$LOCAL/secrets/$1
+  mkdir -p "$LOCAL/secrets"; chmod 700 "$LOCAL/secrets"
+  [ -s "$f" ] || (umask 077; printf '%s%s' "$2" "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$f")
+  cat "$f"
+}
+
+start_nats() {
+  mkdir -p "$LOCAL/nats"
+  start nats /usr/sbin/nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$LOCAL/nats" -m 0
+  wait_tcp nats "$NATS_PORT"
+}
+
+start_clickhouse() {
+  local dir=$LOCAL/clickhouse
+  mkdir -p "$dir"/{data,tmp,user_files,format_schemas,log}
+  sed -e "s#@DIR@#$dir#g" -e "s#@HTTP_PORT@#$CH_HTTP_PORT#g" -e "s#@TCP_PORT@#$CH_TCP_PORT#g" \
+    "$ROOT/deploy/clickhouse/config.xml.in" >"$dir/config.xml"
+  cp "$ROOT/deploy/clickhouse/users.xml" "$dir/users.xml"
+  start clickhouse /usr/sbin/clickhouse-server --config-file="$dir/config.xml"
+  wait_http clickhouse "http://127.0.0.1:$CH_HTTP_PORT/ping"
+}
+
+migrate() {
+  "$BIN/tollgate-migrate" --url "http://127.0.0.1:$CH_HTTP_PORT" --database tollgate
+}
+
+render() { # render TEMPLATE OUT: fill @VARS@ of deploy/*.toml.in
+  sed -e "s#@LOCAL@#$LOCAL#g" -e "s#@NATS_URL@#nats://127.0.0.1:$NATS_PORT#g" \
+      -e "s#@CH_URL@#http://127.0.0.1:$CH_HTTP_PORT#g" -e "s#@MOCK_URL@#http://127.0.0.1:$MOCK_PORT#g" \
+      -e "s#@GATEWAY_PORT@#$GATEWAY_PORT#g" -e "s#@METER_METRICS_PORT@#$METER_METRICS_PORT#g" \
+      -e "s#@BILLING_PORT@#$BILLING_PORT#g" "$1" >"$2"
+}
+
+
+start_mock() {
+  start mock "$BIN/tollgate-mock-upstream" --listen "127.0.0.1:$MOCK_PORT"
+  wait_http mock "http://127.0.0.1:$MOCK_PORT/healthz"
+}
+
+start_gateway() {
+  mkdir -p "$LOCAL/config" "$LOCAL/gateway"
+  render "$ROOT/deploy/gateway.local.toml.in" "$LOCAL/config/gateway.toml"
+  "$BIN/tollgate-gateway" --config "$LOCAL/config/gateway.toml" put-key \
+    --secret "$DEMO_KEY" --tenant demo --key-id demo-key --name "demo key" >/dev/null
+  start gateway env OTEL_SERVICE_NAME=tollgate-gateway RUST_LOG="${RUST_LOG:-info}" "$BIN/tollgate-gateway" --config "$LOCAL/config/gateway.toml" run
+  wait_http gateway "http://127.0.0.1:$GATEWAY_PORT/readyz"
+}
+
+start_meter() {
+  mkdir -p "$LOCAL/config"
+  render "$ROOT/deploy/meter.local.toml.in" "$LOCAL/config/meter.toml"
+  start meter env OTEL_SERVICE_NAME=tollgate-meter RUST_LOG="${RUST_LOG:-info}" "$BIN/tollgate-meter" --config "$LOCAL/config/meter.toml" run
+  wait_http meter "http://127.0.0.1:$METER_METRICS_PORT/healthz"
+}
+
+write_env() {
+  local f=$LOCAL/env
+  cat >"$f.tmp" <<EOF
+TOLLGATE_GATEWAY_URL=http://127.0.0.1:$GATEWAY_PORT
+TOLLGATE_BILLING_URL=http://127.0.0.1:$BILLING_PORT
+TOLLGATE_ADMIN_KEY=$ADMIN_KEY
+TOLLGATE_DEMO_KEY=$DEMO_KEY
+TOLLGATE_MOCK_URL=http://127.0.0.1:$MOCK_PORT
+TOLLGATE_CLICKHOUSE_URL=http://127.0.0.1:$CH_HTTP_PORT
+TOLLGATE_CLICKHOUSE_DB=tollgate
+TOLLGATE_CLICKHOUSE_USER=finance
+TOLLGATE_CLICKHOUSE_PASSWORD=finance
+TOLLGATE_NATS_URL=nats://127.0.0.1:$NATS_PORT
+TOLLGATE_BUS=nats
+TOLLGATE_KAFKA_BROKERS=
+TOLLGATE_METER_METRICS_URL=http://127.0.0.1:$METER_METRICS_PORT
+EOF
+  chmod 600 "$f.tmp"; mv "$f.tmp" "$f"
+}
+
+SERVICES=(meter gateway mock clickhouse nats)
+
+cmd_up() {
+  install_runtime
+  mkdir -p "$LOCAL"
+  build
+  ADMIN_KEY=$(secret admin-key tg_admin_)
+  DEMO_KEY=$(secret demo-key tg_demo_)
+  start_nats
+  start_clickhouse
+  migrate
+  start_mock
+  start_gateway
+  start_meter
+  write_env
+  log "up: source $LOCAL/env   (gateway $([ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ] && echo "with OTLP to $OTEL_EXPORTER_OTLP_ENDPOINT" || echo "without OTLP"))"
+}
+
+cmd_down() {
+  for s in "${SERVICES[@]}"; do stop "$s"; done
+  log "down"
+}
+
+cmd_status() {
+  for s in "${SERVICES[@]}"; do
+    if running "$s"; then echo "$s: running (pid $(cat "$(pidfile "$s")"))"; else echo "$s: stopped"; fi
+  done
+  [ -f "$LOCAL/env" ] && cat "$LOCAL/env"
+}
+
+cmd_test() {
+  install_test_tools
+  cd "$ROOT"
+  log "building everything (tests use the debug profile)"
+  cargo build --workspace --bins --tests -q
+  log "cargo test"
+  cargo test --workspace --no-fail-fast
+  log "local stack + official SDK conformance"
+  TOLLGATE_PROFILE=dev "$ROOT/tests/stack/run.sh"
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  test) cmd_test ;;
+  *) echo "usage: $0 up|down|status|test" >&2; exit 2 ;;
+esac

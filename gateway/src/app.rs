@@ -1,0 +1,167 @@
+//! The gateway's state, routes and lifecycle.
+//!
+//! Shutdown order: cancel → stop accepting and drain in-flight requests and
+//! streams (axum's graceful shutdown) → flush the event publisher (publish
+//! or spool everything produced) → stop the key watch.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tollgate_schemas::Names;
+use tollgate_schemas::bus::{EventBus, JetStreamBus, StreamSettings};
+use tollgate_schemas::records::PriceBook;
+
+use crate::auth::KeyStore;
+use crate::config::Config;
+use crate::error::{ApiStyle, GatewayError};
+use crate::limits::Limits;
+use crate::publisher::{Publisher, PublisherConfig};
+use crate::routing::Router as ModelRouter;
+use crate::{openai, telemetry};
+
+pub struct AppState {
+    pub config: Config,
+    pub names: Names,
+    pub router: ModelRouter,
+    pub keys: KeyStore,
+    pub limits: Limits,
+    pub prices: RwLock<Arc<PriceBook>>,
+    pub bus: Arc<dyn EventBus>,
+    pub publisher: Publisher,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+pub type App = Arc<AppState>;
+
+impl AppState {
+    pub fn price_book(&self) -> Arc<PriceBook> {
+        match self.prices.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The request id of this request: `x-request-id` on the response and
+/// `request_id` in its events.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+/// Connects to NATS, opens the key store and the publisher.
+pub async fn build(config: Config) -> anyhow::Result<(App, crate::publisher::PublisherHandle)> {
+    crate::tokens::warm_up();
+    let names = Names::namespaced(&config.nats.namespace);
+    let settings = StreamSettings {
+        max_age: Duration::from_secs(config.nats.stream_max_age_days * 86_400),
+        duplicate_window: Duration::from_secs(config.nats.duplicate_window_secs),
+        ..Default::default()
+    };
+    let jsbus = JetStreamBus::connect(&config.nats.url, names.clone(), settings).await?;
+    let keys = KeyStore::open(jsbus.jetstream(), &names.kv_keys).await?;
+    let bus: Arc<dyn EventBus> = Arc::new(jsbus);
+    let (publisher, handle) = Publisher::start(
+        bus.clone(),
+        PublisherConfig {
+            spool_dir: config.data_dir.join("spool"),
+            spool_max_bytes: config.spool.max_bytes,
+            ..PublisherConfig::default()
+        },
+    )
+    .await?;
+    let state = AppState {
+        router: ModelRouter::new(&config)?,
+        limits: Limits::new(&config.limits),
+        prices: RwLock::new(Arc::new(config.prices.book())),
+        names,
+        keys,
+        bus,
+        publisher,
+        metrics: telemetry::prometheus(),
+        config,
+    };
+    Ok((Arc::new(state), handle))
+}
+
+pub fn routes(app: App) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{model}", get(openai::get_model))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(fallback)
+        .layer(middleware::from_fn(request_id))
+        .with_state(app)
+}
+
+/// Serves until `shutdown`, then drains in order (see the module doc).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (app, publisher_handle) = build(config).await?;
+    let cancel = CancellationToken::new();
+    let watch = tokio::spawn(app.keys.clone().watch(cancel.clone()));
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let served = axum::serve(listener, routes(app.clone()).into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await;
+    tracing::info!("gateway draining: flushing events");
+    publisher_handle.shutdown(Duration::from_secs(30)).await;
+    cancel.cancel();
+    let _ = watch.await;
+    served?;
+    Ok(())
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id: Arc<str> = format!("req_{}", uuid::Uuid::now_v7().simple()).into();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let anthropic = req.uri().path().starts_with("/v1/messages");
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        if anthropic {
+            resp.headers_mut().insert("request-id", v.clone());
+        }
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    let bus = app.bus.ready().await;
+    let body = serde_json::json!({
+        "bus": if bus.is_ok() { "ok" } else { "unreachable" },
+        "spool_events": app.publisher.spool_depth(),
+        "spool_bytes": app.publisher.spool_bytes(),
+        "spool_full": app.publisher.spool_full(),
+        "models": app.router.names.len(),
+    });
+    let status = if bus.is_ok() && !app.publisher.spool_full() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    metrics::gauge!("tollgate_gateway_spool_events").set(app.publisher.spool_depth() as f64);
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn fallback(req: Request) -> Response {
+    let style = if req.uri().path().starts_with("/v1/messages") { ApiStyle::Anthropic } else { ApiStyle::OpenAi };
+    GatewayError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())).into_response_for(style)
+}

@@ -1,0 +1,152 @@
+//! API-key authentication.
+//!
+//! Keys live in a JetStream KV bucket under the hex SHA-256 of their secret
+//! (the secret itself is stored nowhere). A lookup hashes the presented
+//! secret, reads the record from a moka cache or, on a miss, from the bucket
+//! (so a key works as soon as it is written), and compares the stored digest
+//! with the computed one in constant time. A watch on the bucket updates or
+//! evicts cached records as they change, so revocation takes effect at every
+//! gateway within the watch's latency (milliseconds), not the cache's TTL.
+//! Misses are not cached, for the same reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chrono::Utc;
+use futures::StreamExt;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tollgate_schemas::records::{KeyRecord, secret_hash};
+
+use crate::error::GatewayError;
+
+#[derive(Clone)]
+pub struct KeyStore {
+    kv: kv::Store,
+    cache: moka::future::Cache<String, Arc<KeyRecord>>,
+}
+
+impl KeyStore {
+    /// Opens (creating if needed) the keys bucket.
+    pub async fn open(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::Result<Self> {
+        let kv = tollgate_schemas::kv::ensure(js, bucket, 1).await?;
+        let cache = moka::future::Cache::builder()
+            .max_capacity(1_000_000)
+            .time_to_live(Duration::from_secs(600))
+            .build();
+        Ok(Self { kv, cache })
+    }
+
+    /// Follows the bucket until `shutdown`, re-subscribing after errors.
+    pub async fn watch(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut stream = match self.kv.watch_all().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "keys watch failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            // Anything may have changed while we were not watching.
+            self.cache.invalidate_all();
+            backoff = Duration::from_millis(100);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = stream.next() => n,
+                };
+                match next {
+                    Some(Ok(entry)) => match entry.operation {
+                        kv::Operation::Put => match serde_json::from_slice::<KeyRecord>(&entry.value) {
+                            Ok(rec) => self.cache.insert(entry.key, Arc::new(rec)).await,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "unreadable key record; evicting");
+                                self.cache.invalidate(&entry.key).await;
+                            }
+                        },
+                        kv::Operation::Delete | kv::Operation::Purge => self.cache.invalidate(&entry.key).await,
+                    },
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "keys watch error; re-subscribing");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.cache.invalidate_all();
+        }
+    }
+
+    /// The key for `secret`, if it exists and may be used now.
+    pub async fn authenticate(&self, secret: &str) -> Result<Arc<KeyRecord>, GatewayError> {
+        let hash = secret_hash(secret);
+        let record = match self.cache.get(&hash).await {
+            Some(r) => r,
+            None => {
+                let entry = self
+                    .kv
+                    .get(&hash)
+                    .await
+                    .map_err(|_| GatewayError::Unavailable("the key store is unreachable"))?;
+                let Some(bytes) = entry else {
+                    return Err(GatewayError::InvalidKey("invalid API key"));
+                };
+                let rec: KeyRecord = serde_json::from_slice(&bytes)
+                    .map_err(|e| GatewayError::Internal(format!("corrupt key record: {e}")))?;
+                let rec = Arc::new(rec);
+                self.cache.insert(hash.clone(), rec.clone()).await;
+                rec
+            }
+        };
+        if !bool::from(record.secret_sha256.as_bytes().ct_eq(hash.as_bytes())) {
+            return Err(GatewayError::InvalidKey("invalid API key"));
+        }
+        check_usable(&record)?;
+        Ok(record)
+    }
+
+    /// Writes a key (CLI and tests; billing does this in production).
+    pub async fn put(&self, secret: &str, mut record: KeyRecord) -> anyhow::Result<()> {
+        let hash = secret_hash(secret);
+        record.secret_sha256 = hash.clone();
+        self.kv.put(&hash, serde_json::to_vec(&record)?.into()).await?;
+        self.cache.invalidate(&hash).await;
+        Ok(())
+    }
+}
+
+/// Revoked, disabled and expired keys are refused (401).
+pub fn check_usable(record: &KeyRecord) -> Result<(), GatewayError> {
+    if record.revoked {
+        return Err(GatewayError::InvalidKey("this API key has been revoked"));
+    }
+    if record.disabled {
+        return Err(GatewayError::InvalidKey("this API key is disabled"));
+    }
+    if record.expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(GatewayError::InvalidKey("this API key has expired"));
+    }
+    Ok(())
+}
+
+/// The secret from `Authorization: Bearer`, `X-API-Key` or `x-api-key`
+/// (header names are case-insensitive, so the last two are one).
+pub fn presented_secret(headers: &axum::http::HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if let Some(rest) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
+            let rest = rest.trim();
+            if !rest.is_empty() {
+                return Some(rest);
+            }
+        }
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+}

@@ -1,0 +1,139 @@
+//! `tollgate-gateway`: parse the CLI, load config, run. Nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use tollgate_gateway::{Config, auth::KeyStore, telemetry};
+use tollgate_schemas::records::KeyRecord;
+
+#[derive(Parser)]
+#[command(name = "tollgate-gateway", about = "Tollgate's OpenAI- and Anthropic-compatible gateway")]
+struct Cli {
+    /// TOML config; `TOLLGATE__SECTION__KEY` environment variables override it.
+    #[arg(long, env = "TOLLGATE_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Write an API key to the keys bucket (until billing manages keys).
+    PutKey {
+        #[arg(long)]
+        secret: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Comma-separated allow-list; omitted = every model.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[arg(long)]
+        tpm: Option<u64>,
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        #[arg(long)]
+        expires_at: Option<DateTime<Utc>>,
+        #[arg(long)]
+        disabled: bool,
+        #[arg(long)]
+        revoked: bool,
+    },
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        eprintln!("config ok: {} models", config.models.len());
+        return ExitCode::SUCCESS;
+    }
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => serve(config).await,
+        Command::PutKey { secret, tenant, key_id, name, models, rpm, tpm, max_concurrency, expires_at, disabled, revoked } => {
+            if !valid_id(&tenant) || !valid_id(&key_id) {
+                eprintln!("tenant and key ids must match [A-Za-z0-9_-]{{1,64}}");
+                return ExitCode::from(2);
+            }
+            let record = KeyRecord {
+                key_id,
+                tenant_id: tenant,
+                name,
+                secret_sha256: String::new(),
+                models,
+                rpm,
+                tpm,
+                max_concurrency,
+                expires_at,
+                disabled,
+                revoked,
+                budget: None,
+            };
+            put_key(&config, &secret, record).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "gateway failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tollgate_gateway::run(listener, config, shutdown_signal()).await
+}
+
+async fn put_key(config: &Config, secret: &str, record: KeyRecord) -> anyhow::Result<()> {
+    let names = tollgate_schemas::Names::namespaced(&config.nats.namespace);
+    let client = async_nats::connect(&config.nats.url).await?;
+    let js = async_nats::jetstream::new(client);
+    KeyStore::open(&js, &names.kv_keys).await?.put(secret, record).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,158 @@
+//! Sending a request upstream, with failover.
+//!
+//! Deployments are tried in the router's order. A connect error, a timeout
+//! before the response headers, a 5xx or a 429 counts as a failure of that
+//! deployment (its breaker hears about it) and moves on to the next one, as
+//! long as nothing has reached the client yet — which is always true here,
+//! since a response is only handed back once its headers say it succeeded.
+//! Any other status (2xx, or a 4xx that is the caller's fault) is final.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::config::ProviderKind;
+use crate::error::GatewayError;
+use crate::routing::Deployment;
+
+/// The response that will be relayed, and how it was obtained.
+pub struct Upstream {
+    pub deployment: Arc<Deployment>,
+    pub response: reqwest::Response,
+    /// Attempts beyond the first.
+    pub retries: u32,
+}
+
+/// What to send; the body is rebuilt per deployment (its upstream model).
+pub struct Outbound<'a> {
+    pub path: &'a str,
+    pub body: &'a (dyn Fn(&Deployment) -> Bytes + Sync),
+    /// Client headers forwarded to deployments that allow them.
+    pub forward: &'a [(String, String)],
+}
+
+pub async fn send(
+    plan: &[Arc<Deployment>],
+    out: &Outbound<'_>,
+    attempt_timeout: Duration,
+    deadline: Instant,
+) -> Result<Upstream, GatewayError> {
+    let mut retries = 0u32;
+    let mut last: Option<GatewayError> = None;
+    let mut skipped_open = Vec::new();
+    for (i, d) in plan.iter().enumerate() {
+        if !d.breaker.allow() {
+            skipped_open.push(d.clone());
+            continue;
+        }
+        if i > 0 && last.is_some() {
+            retries += 1;
+        }
+        match attempt(d, out, attempt_timeout, deadline).await {
+            Ok(resp) => {
+                let status = resp.status();
+                if is_failure_status(status) {
+                    d.breaker.record_failure();
+                    metrics::counter!("tollgate_gateway_upstream_failures_total", "deployment" => d.name.clone(), "reason" => status.as_str().to_owned()).increment(1);
+                    last = Some(map_status(status, resp).await);
+                    continue;
+                }
+                d.breaker.record_success();
+                return Ok(Upstream { deployment: d.clone(), response: resp, retries });
+            }
+            Err(e) => {
+                d.breaker.record_failure();
+                metrics::counter!("tollgate_gateway_upstream_failures_total", "deployment" => d.name.clone(), "reason" => "transport").increment(1);
+                last = Some(e);
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    // Every deployment is open or failed: nothing else to try.
+    if last.is_none() && !skipped_open.is_empty() {
+        return Err(GatewayError::Upstream {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "every deployment of this model is failing (circuit open); retry shortly".into(),
+        });
+    }
+    Err(last.unwrap_or(GatewayError::Upstream {
+        status: StatusCode::BAD_GATEWAY,
+        message: "no deployment could serve this request".into(),
+    }))
+}
+
+fn is_failure_status(s: StatusCode) -> bool {
+    s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS
+}
+
+async fn attempt(
+    d: &Deployment,
+    out: &Outbound<'_>,
+    attempt_timeout: Duration,
+    deadline: Instant,
+) -> Result<reqwest::Response, GatewayError> {
+    let url = format!("{}{}", d.base_url, out.path);
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let mut req = d
+        .client
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .timeout(remaining)
+        .body((out.body)(d));
+    if let Some(key) = &d.api_key {
+        req = match d.provider {
+            ProviderKind::Openai => req.bearer_auth(key),
+            ProviderKind::Anthropic => req.header("x-api-key", key),
+        };
+    }
+    for (k, v) in out.forward {
+        if d.forwards(k) {
+            req = req.header(k.as_str(), v.as_str());
+        }
+    }
+    let wait = attempt_timeout.min(remaining);
+    match tokio::time::timeout(wait, req.send()).await {
+        Err(_) => Err(GatewayError::Upstream {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            message: format!("upstream did not answer within {} ms", wait.as_millis()),
+        }),
+        Ok(Err(e)) if e.is_timeout() => Err(GatewayError::Upstream {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            message: "upstream timed out".into(),
+        }),
+        Ok(Err(e)) => {
+            tracing::warn!(deployment = %d.name, error = %e, "upstream transport error");
+            Err(GatewayError::Upstream { status: StatusCode::BAD_GATEWAY, message: "could not reach the upstream".into() })
+        }
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// The client-facing error for an upstream failure status: 429 stays 429
+/// (with the upstream's Retry-After), 503 and 504 stay, other 5xx are 502.
+async fn map_status(status: StatusCode, resp: reqwest::Response) -> GatewayError {
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1);
+    let detail = resp.text().await.unwrap_or_default();
+    let detail: String = detail.chars().take(300).collect();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return GatewayError::Upstream {
+            status,
+            message: format!("the upstream is rate limiting (retry after {retry_after}s): {detail}"),
+        };
+    }
+    let status = match status.as_u16() {
+        503 | 504 => status,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    GatewayError::Upstream { status, message: format!("upstream failed: {detail}") }
+}

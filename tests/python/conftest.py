@@ -1,0 +1,450 @@
+"""Fixtures for the official-SDK conformance suite.
+
+The suite runs against a running local stack (`./deploy/local.sh up`). It reads the stack's
+`NAME=value` env file named by `TOLLGATE_ENV_FILE` (default `<repo>/.local/env`); values in that
+file win over the process environment, which only fills names the file lacks.
+
+Test keys are created with the gateway's CLI (`put-key`), which writes them straight to the
+gateway's JetStream KV bucket: `TOLLGATE_GATEWAY_BIN` and `TOLLGATE_GATEWAY_CONFIG` (from the env
+file; if absent, the newest `target/{debug,release}/tollgate-gateway` and `<env dir>/config/gateway.toml`).
+
+Usage rows are read from ClickHouse over HTTP as the read-only finance user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+# Hypothesis (used by schemathesis) keeps a cache directory; keep it out of the work tree.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "tollgate-pytest-hypothesis")
+)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODELS = ("mock-gpt", "mock-claude", "mock-embed")
+# The chat model served by an OpenAI-format upstream in the demo config.
+CHAT_MODEL = "mock-gpt"
+# Per-request HTTP timeout for every client in the suite (the test itself is capped at 60 s).
+HTTP_TIMEOUT = 30.0
+
+# Integer columns of tollgate.usage that ClickHouse may render as JSON strings (64-bit integers).
+_INT_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "estimated",
+    "streamed",
+    "latency_ms",
+    "ttft_ms",
+    "schema_version",
+)
+
+
+# ---------------------------------------------------------------- the stack's env file
+
+
+def _parse_env_file(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        name, sep, value = line.partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[name.strip()] = value
+    return env
+
+
+def _newest(paths: Iterable[Path]) -> Path | None:
+    existing = [p for p in paths if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+@dataclass(frozen=True)
+class Stack:
+    env_file: Path
+    env: dict[str, str]
+    gateway_url: str
+    demo_key: str
+    mock_url: str
+    clickhouse_url: str
+    clickhouse_db: str
+    clickhouse_user: str
+    clickhouse_password: str
+    gateway_bin: Path | None
+    gateway_config: Path | None
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.gateway_url + "/v1"
+
+
+def load_stack() -> Stack:
+    env_file = Path(os.environ.get("TOLLGATE_ENV_FILE") or REPO / ".local" / "env")
+    if not env_file.is_file():
+        raise FileNotFoundError(
+            f"stack env file {env_file} not found: start the local stack with "
+            "`./deploy/local.sh up` (or point TOLLGATE_ENV_FILE at another stack's env file)"
+        )
+    env = {k: v for k, v in os.environ.items() if k.startswith("TOLLGATE_")}
+    env.update(_parse_env_file(env_file))
+
+    def need(name: str) -> str:
+        value = env.get(name, "")
+        if not value:
+            raise KeyError(f"{name} is missing from {env_file}")
+        return value
+
+    gateway_bin = Path(env["TOLLGATE_GATEWAY_BIN"]) if env.get("TOLLGATE_GATEWAY_BIN") else None
+    if gateway_bin is None:
+        target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+        gateway_bin = _newest(target / p / "tollgate-gateway" for p in ("debug", "release"))
+    gateway_config = (
+        Path(env["TOLLGATE_GATEWAY_CONFIG"])
+        if env.get("TOLLGATE_GATEWAY_CONFIG")
+        else env_file.parent / "config" / "gateway.toml"
+    )
+    return Stack(
+        env_file=env_file,
+        env=env,
+        gateway_url=need("TOLLGATE_GATEWAY_URL").rstrip("/"),
+        demo_key=need("TOLLGATE_DEMO_KEY"),
+        mock_url=env.get("TOLLGATE_MOCK_URL", "").rstrip("/"),
+        clickhouse_url=need("TOLLGATE_CLICKHOUSE_URL").rstrip("/"),
+        clickhouse_db=env.get("TOLLGATE_CLICKHOUSE_DB") or "tollgate",
+        clickhouse_user=env.get("TOLLGATE_CLICKHOUSE_USER") or "default",
+        clickhouse_password=env.get("TOLLGATE_CLICKHOUSE_PASSWORD", ""),
+        gateway_bin=gateway_bin,
+        gateway_config=gateway_config if gateway_config.is_file() else None,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    try:
+        s = load_stack()
+    except (FileNotFoundError, KeyError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        httpx.get(s.gateway_url + "/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        pytest.fail(
+            f"gateway not healthy at {s.gateway_url}/healthz ({exc!r}); env file {s.env_file}",
+            pytrace=False,
+        )
+    return s
+
+
+@pytest.fixture(scope="session")
+def gateway_url(stack: Stack) -> str:
+    return stack.gateway_url
+
+
+@pytest.fixture(scope="session")
+def openai_base_url(stack: Stack) -> str:
+    return stack.openai_base_url
+
+
+@pytest.fixture(scope="session")
+def demo_key(stack: Stack) -> str:
+    return stack.demo_key
+
+
+@pytest.fixture(scope="session")
+def mock_url(stack: Stack) -> str:
+    if not stack.mock_url:
+        pytest.skip(f"TOLLGATE_MOCK_URL is not in {stack.env_file}")
+    return stack.mock_url
+
+
+# ---------------------------------------------------------------- clients
+
+
+def openai_client(stack: Stack, api_key: str, **kwargs: Any) -> openai.OpenAI:
+    """The official client as a user would build it; never retries (a retry would hide errors)."""
+    kwargs.setdefault("max_retries", 0)
+    kwargs.setdefault("timeout", HTTP_TIMEOUT)
+    return openai.OpenAI(base_url=stack.openai_base_url, api_key=api_key, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack) -> Iterable[openai.OpenAI]:
+    c = openai_client(stack, stack.demo_key)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def client_for(stack: Stack) -> Iterable[Callable[..., openai.OpenAI]]:
+    """`client_for(key, **kwargs)`: an OpenAI client with that key (closed after the test)."""
+    made: list[openai.OpenAI] = []
+
+    def build(api_key: str, **kwargs: Any) -> openai.OpenAI:
+        c = openai_client(stack, api_key, **kwargs)
+        made.append(c)
+        return c
+
+    yield build
+    for c in made:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def http(stack: Stack) -> Iterable[httpx.Client]:
+    """Raw HTTP to the gateway (no auth header unless a test sets one)."""
+    with httpx.Client(base_url=stack.gateway_url, timeout=HTTP_TIMEOUT) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- test keys
+
+
+class TestKey(str):
+    """A key's secret (usable wherever a string is), with its tenant and key id."""
+
+    __test__ = False  # not a pytest test class
+    tenant: str
+    key_id: str
+
+    def __new__(cls, secret: str, tenant: str, key_id: str) -> "TestKey":
+        obj = super().__new__(cls, secret)
+        obj.tenant = tenant
+        obj.key_id = key_id
+        return obj
+
+
+def put_key(
+    stack: Stack,
+    *,
+    secret: str | None = None,
+    tenant: str | None = None,
+    key_id: str | None = None,
+    name: str | None = None,
+    models: Iterable[str] | str | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    max_concurrency: int | None = None,
+    expires_at: datetime | str | None = None,
+    disabled: bool = False,
+    revoked: bool = False,
+) -> TestKey:
+    if stack.gateway_bin is None or not stack.gateway_bin.is_file():
+        pytest.fail(
+            "no gateway binary to create test keys with: set TOLLGATE_GATEWAY_BIN in "
+            f"{stack.env_file} (looked for target/{{debug,release}}/tollgate-gateway)",
+            pytrace=False,
+        )
+    if stack.gateway_config is None:
+        pytest.fail(
+            f"no gateway config: set TOLLGATE_GATEWAY_CONFIG in {stack.env_file}", pytrace=False
+        )
+    secret = secret or f"tg_test_{secrets.token_hex(16)}"
+    tenant = tenant or f"t_{secrets.token_hex(6)}"
+    key_id = key_id or f"k_{secrets.token_hex(6)}"
+    cmd = [
+        str(stack.gateway_bin),
+        "--config",
+        str(stack.gateway_config),
+        "put-key",
+        "--secret",
+        secret,
+        "--tenant",
+        tenant,
+        "--key-id",
+        key_id,
+    ]
+    if name is not None:
+        cmd += ["--name", name]
+    if models is not None:
+        cmd += ["--models", models if isinstance(models, str) else ",".join(models)]
+    if rpm is not None:
+        cmd += ["--rpm", str(rpm)]
+    if tpm is not None:
+        cmd += ["--tpm", str(tpm)]
+    if max_concurrency is not None:
+        cmd += ["--max-concurrency", str(max_concurrency)]
+    if expires_at is not None:
+        if isinstance(expires_at, datetime):
+            if expires_at.tzinfo is None:
+                expires_at = expires_at.replace(tzinfo=timezone.utc)
+            expires_at = expires_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        cmd += ["--expires-at", expires_at]
+    if disabled:
+        cmd.append("--disabled")
+    if revoked:
+        cmd.append("--revoked")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"put-key did not finish in 30 s: {' '.join(cmd[:4])} ...", pytrace=False)
+    if done.returncode != 0:
+        shown = " ".join("<secret>" if part == secret else part for part in cmd)
+        pytest.fail(
+            f"put-key failed ({done.returncode}): {shown}\n{done.stderr.strip()[-2000:]}",
+            pytrace=False,
+        )
+    return TestKey(secret, tenant, key_id)
+
+
+@pytest.fixture(scope="session")
+def make_key(stack: Stack) -> Callable[..., TestKey]:
+    """`make_key(models=..., rpm=..., tpm=..., max_concurrency=..., expires_at=..., disabled=...,
+    revoked=..., name=..., tenant=..., key_id=...) -> secret`: a fresh key (random `tg_test_<hex>`
+    secret, random tenant unless given) that works as soon as this returns."""
+
+    def make(**limits: Any) -> TestKey:
+        return put_key(stack, **limits)
+
+    return make
+
+
+# ---------------------------------------------------------------- ClickHouse
+
+
+def _normalise_row(row: dict[str, Any]) -> dict[str, Any]:
+    for name in _INT_COLUMNS:
+        value = row.get(name)
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+            row[name] = int(value)
+        elif isinstance(value, bool):
+            row[name] = int(value)
+    if "cost" in row and row["cost"] is not None:
+        row["cost"] = Decimal(str(row["cost"]))
+    return row
+
+
+@dataclass
+class ClickHouse:
+    url: str
+    database: str
+    user: str
+    password: str
+    _client: httpx.Client = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._client = httpx.Client(timeout=10)
+
+    def query(self, sql: str) -> list[dict[str, Any]]:
+        """Rows of a SELECT (JSONEachRow; Decimals parsed exactly)."""
+        r = self._client.post(
+            self.url + "/",
+            params={"database": self.database},
+            content=(sql.rstrip().rstrip(";") + " FORMAT JSONEachRow").encode(),
+            auth=(self.user, self.password),
+        )
+        if r.status_code != 200:
+            raise AssertionError(f"ClickHouse {r.status_code} for {sql!r}: {r.text[:1000]}")
+        return [
+            json.loads(line, parse_float=Decimal) for line in r.text.splitlines() if line.strip()
+        ]
+
+    def usage_rows(self, request_id: str) -> list[dict[str, Any]]:
+        return [
+            _normalise_row(row)
+            for row in self.query(
+                f"SELECT * FROM {self.database}.usage WHERE request_id = {sql_string(request_id)}"
+            )
+        ]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@pytest.fixture(scope="session")
+def clickhouse(stack: Stack) -> Iterable[ClickHouse]:
+    ch = ClickHouse(
+        stack.clickhouse_url, stack.clickhouse_db, stack.clickhouse_user, stack.clickhouse_password
+    )
+    yield ch
+    ch.close()
+
+
+def wait_usage_row(ch: ClickHouse, request_id: str, timeout: float = 15) -> dict[str, Any]:
+    """The `tollgate.usage` row of `request_id`, polled until it appears (at most `timeout` s).
+    Fails if none appears or if the request has more than one row."""
+    assert request_id, "no request id to look for"
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = ch.usage_rows(request_id)
+        if rows:
+            assert len(rows) == 1, f"{len(rows)} usage rows for request {request_id}: {rows}"
+            return rows[0]
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"no tollgate.usage row for request_id {request_id!r} within {timeout} s"
+            )
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def wait_usage(clickhouse: ClickHouse) -> Callable[..., dict[str, Any]]:
+    """`wait_usage(request_id, timeout=15) -> row` (see `wait_usage_row`)."""
+
+    def wait(request_id: str, timeout: float = 15) -> dict[str, Any]:
+        return wait_usage_row(clickhouse, request_id, timeout)
+
+    return wait
+
+
+# ---------------------------------------------------------------- what the demo config offers
+
+
+@pytest.fixture(scope="session")
+def demo_model_ids(client: openai.OpenAI) -> list[str]:
+    return [m.id for m in client.models.list()]
+
+
+_FAILING_NAME = re.compile(r"(?:^|[-_:/@.+])(?:fail|broken)(?:$|[-_:/@.+])")
+
+
+@pytest.fixture(scope="session")
+def failing_model(stack: Stack, demo_model_ids: list[str]) -> str | None:
+    """A configured model whose every deployment fails upstream (the demo config's `mock-broken`,
+    served by the mock's `mock-fail-503`): `TOLLGATE_FAILING_MODEL`, else the first listed model
+    named `...fail...` or `...broken...`, else None."""
+    explicit = stack.env.get("TOLLGATE_FAILING_MODEL")
+    if explicit:
+        return explicit
+    for model in demo_model_ids:
+        if model not in DEMO_MODELS and _FAILING_NAME.search(model):
+            return model
+    return None
+
+
+@pytest.fixture(scope="session")
+def mock_headers_forwarded(client: openai.OpenAI) -> bool:
+    """Whether the gateway forwards `x-mock-*` request headers to the mock upstream: ask for 23
+    output tokens by header and see whether the reply has them (the default is at most 16)."""
+    c = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "probe"}],
+        extra_headers={"x-mock-output-tokens": "23"},
+    )
+    return c.usage is not None and c.usage.completion_tokens == 23
