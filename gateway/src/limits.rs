@@ -174,11 +174,10 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(l) = self.limiter.take() {
-            if l.max_concurrency.is_some() {
+        if let Some(l) = self.limiter.take()
+            && l.max_concurrency.is_some() {
                 l.inflight.fetch_sub(1, Ordering::AcqRel);
             }
-        }
     }
 }
 

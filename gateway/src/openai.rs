@@ -135,11 +135,10 @@ async fn handle(app: App, rid: RequestId, headers: HeaderMap, body: Body, endpoi
 
 /// Reads the body within the size limit, as OpenAI-shaped errors.
 pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, GatewayError> {
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
-        if len > max {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
+        && len > max {
             return Err(GatewayError::PayloadTooLarge(max));
         }
-    }
     axum::body::to_bytes(body, max).await.map_err(|e| {
         if e.to_string().contains("length limit") {
             GatewayError::PayloadTooLarge(max)
@@ -173,11 +172,10 @@ pub fn resolve_model(app: &App, key: &KeyRecord, model: &str) -> Result<(), Gate
     if !app.router.contains(model) {
         return Err(GatewayError::ModelNotFound(model.to_owned()));
     }
-    if let Some(allowed) = &key.models {
-        if !allowed.iter().any(|m| m == model) {
+    if let Some(allowed) = &key.models
+        && !allowed.iter().any(|m| m == model) {
             return Err(GatewayError::ModelNotAllowed(model.to_owned()));
         }
-    }
     Ok(())
 }
 
@@ -202,17 +200,15 @@ fn validate(endpoint: Endpoint, req: &Map<String, Value>) -> Result<bool, Gatewa
         },
     }
     for (field, want) in [("max_tokens", "integer"), ("max_completion_tokens", "integer"), ("n", "integer")] {
-        if let Some(v) = req.get(field) {
-            if !(v.is_null() || v.is_u64()) {
+        if let Some(v) = req.get(field)
+            && !(v.is_null() || v.is_u64()) {
                 return Err(GatewayError::bad_request(format!("'{field}' must be a non-negative {want}"), None));
             }
-        }
     }
-    if let Some(t) = req.get("temperature") {
-        if !(t.is_null() || t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t))) {
+    if let Some(t) = req.get("temperature")
+        && !(t.is_null() || t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t))) {
             return Err(GatewayError::bad_request("'temperature' must be a number between 0 and 2", Some("temperature")));
         }
-    }
     let stream = match req.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,

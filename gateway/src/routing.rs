@@ -200,6 +200,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a plain thread sleep in a sync unit test
     fn breaker_opens_half_opens_and_closes() {
         let b = Breaker::new(&BreakerConfig { failures: 2, open_ms: 50 });
         assert!(b.allow());

@@ -28,8 +28,7 @@ pub struct SseFramer {
 impl SseFramer {
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
         self.buf.extend_from_slice(chunk);
-        loop {
-            let Some(pos) = self.buf.iter().position(|&b| b == b'\n' || b == b'\r') else { break };
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n' || b == b'\r') {
             // A lone '\r' at the very end may be half of "\r\n": wait for more.
             if self.buf[pos] == b'\r' && pos + 1 == self.buf.len() {
                 break;

@@ -123,11 +123,10 @@ pub async fn start_gateway(config: Config) -> Service {
             let result = svc.task.take().unwrap().await;
             panic!("gateway exited at start-up: {result:?}");
         }
-        if let Ok(r) = client.get(format!("{}/healthz", svc.url())).send().await {
-            if r.status().is_success() {
+        if let Ok(r) = client.get(format!("{}/healthz", svc.url())).send().await
+            && r.status().is_success() {
                 return svc;
             }
-        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("gateway did not start");

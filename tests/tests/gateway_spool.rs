@@ -30,9 +30,19 @@ impl Fixture {
     async fn new() -> Self {
         let nats = NatsServer::start().unwrap();
         let names = Names::namespaced("spooltest");
-        let bus = JetStreamBus::connect(&nats.url(), names.clone(), StreamSettings::default()).await.unwrap();
-        let spool = tempfile::Builder::new().prefix("tollgate-spool-").tempdir().unwrap();
-        Self { nats, bus: Arc::new(bus), names, spool }
+        let bus = JetStreamBus::connect(&nats.url(), names.clone(), StreamSettings::default())
+            .await
+            .unwrap();
+        let spool = tempfile::Builder::new()
+            .prefix("tollgate-spool-")
+            .tempdir()
+            .unwrap();
+        Self {
+            nats,
+            bus: Arc::new(bus),
+            names,
+            spool,
+        }
     }
 
     /// Quick to notice an outage and quick to come back, so tests stay short.
@@ -77,20 +87,43 @@ impl Fixture {
     /// Every message in the stream as `(Nats-Msg-Id, seq)`, in stream order.
     /// Fails if there are more than `expect`.
     async fn stream_events(&self, expect: usize) -> Vec<(String, u64)> {
-        let mut consumer = self.bus.consumer(ConsumerSpec::new(self.names.events_filter())).await.unwrap();
+        let mut consumer = self
+            .bus
+            .consumer(ConsumerSpec::new(self.names.events_filter()))
+            .await
+            .unwrap();
         let mut out = Vec::with_capacity(expect);
         let deadline = Instant::now() + Duration::from_secs(10);
         while out.len() < expect && Instant::now() < deadline {
-            for d in consumer.fetch(expect - out.len(), Duration::from_millis(500)).await.unwrap() {
+            for d in consumer
+                .fetch(expect - out.len(), Duration::from_millis(500))
+                .await
+                .unwrap()
+            {
                 let event: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
                 let id = d.header("Nats-Msg-Id").unwrap().to_owned();
-                assert_eq!(event["id"].as_str(), Some(id.as_str()), "payload travels with its id");
-                assert_eq!(d.header("traceparent"), Some(TRACEPARENT), "headers travel too");
+                assert_eq!(
+                    event["id"].as_str(),
+                    Some(id.as_str()),
+                    "payload travels with its id"
+                );
+                assert_eq!(
+                    d.header("traceparent"),
+                    Some(TRACEPARENT),
+                    "headers travel too"
+                );
                 out.push((id, event["seq"].as_u64().unwrap()));
             }
         }
-        let extra = consumer.fetch(100, Duration::from_millis(300)).await.unwrap();
-        assert!(extra.is_empty(), "{} more events than the {expect} expected", extra.len());
+        let extra = consumer
+            .fetch(100, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(
+            extra.is_empty(),
+            "{} more events than the {expect} expected",
+            extra.len()
+        );
         out
     }
 
@@ -98,10 +131,22 @@ impl Fixture {
     async fn assert_exactly_once_in_order(&self, n: u64) {
         let events = self.stream_events(usize::try_from(n).unwrap()).await;
         let ids: HashSet<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids.len(), events.len(), "a duplicate event id reached the stream");
+        assert_eq!(
+            ids.len(),
+            events.len(),
+            "a duplicate event id reached the stream"
+        );
         let seqs: Vec<u64> = events.iter().map(|(_, s)| *s).collect();
-        assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "every event exactly once, in order");
-        assert!(self.head_is(n).await, "stream head {:?}, expected {n}", self.bus.head().await);
+        assert_eq!(
+            seqs,
+            (0..n).collect::<Vec<_>>(),
+            "every event exactly once, in order"
+        );
+        assert!(
+            self.head_is(n).await,
+            "stream head {:?}, expected {n}",
+            self.bus.head().await
+        );
     }
 }
 
@@ -113,7 +158,10 @@ where
 {
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -135,13 +183,21 @@ async fn happy_path_publishes_every_event_once_in_order() {
     for seq in 0..1000 {
         publisher.publish(f.event(seq));
     }
-    eventually("the stream holds 1000 events", Duration::from_secs(15), || f.head_is(1000)).await;
+    eventually(
+        "the stream holds 1000 events",
+        Duration::from_secs(15),
+        || f.head_is(1000),
+    )
+    .await;
     f.assert_exactly_once_in_order(1000).await;
     assert!(publisher.bus_healthy());
     assert_eq!((publisher.spool_depth(), publisher.spool_bytes()), (0, 0));
     assert!(!publisher.spool_full());
     handle.shutdown(Duration::from_secs(5)).await;
-    assert!(segments(f.spool.path()).is_empty(), "a healthy bus never touches the spool");
+    assert!(
+        segments(f.spool.path()).is_empty(),
+        "a healthy bus never touches the spool"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +207,12 @@ async fn events_published_while_nats_is_down_arrive_once_in_order_after_it_retur
     for seq in 0..300 {
         publisher.publish(f.event(seq));
     }
-    eventually("the first 300 are in the stream", Duration::from_secs(10), || f.head_is(300)).await;
+    eventually(
+        "the first 300 are in the stream",
+        Duration::from_secs(10),
+        || f.head_is(300),
+    )
+    .await;
 
     f.nats.stop();
     for seq in 300..2300 {
@@ -160,9 +221,11 @@ async fn events_published_while_nats_is_down_arrive_once_in_order_after_it_retur
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    eventually("all 2000 are in the spool", Duration::from_secs(15), || async {
-        publisher.spool_depth() == 2000
-    })
+    eventually(
+        "all 2000 are in the spool",
+        Duration::from_secs(15),
+        || async { publisher.spool_depth() == 2000 },
+    )
     .await;
     assert!(!publisher.bus_healthy());
     assert!(publisher.spool_bytes() > 0);
@@ -176,7 +239,10 @@ async fn events_published_while_nats_is_down_arrive_once_in_order_after_it_retur
     f.assert_exactly_once_in_order(2300).await;
     assert!(publisher.bus_healthy());
     assert_eq!(publisher.spool_bytes(), 0);
-    assert!(segments(f.spool.path()).is_empty(), "drained segments are deleted");
+    assert!(
+        segments(f.spool.path()).is_empty(),
+        "drained segments are deleted"
+    );
     handle.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -188,20 +254,28 @@ async fn a_gateway_killed_with_events_in_the_spool_delivers_them_after_restart()
     for seq in 0..500 {
         publisher.publish(f.event(seq));
     }
-    eventually("all 500 are in the spool", Duration::from_secs(15), || async {
-        publisher.spool_depth() == 500
-    })
+    eventually(
+        "all 500 are in the spool",
+        Duration::from_secs(15),
+        || async { publisher.spool_depth() == 500 },
+    )
     .await;
     // The crash: no shutdown, no drain, no final fsync.
     drop(publisher);
     drop(handle);
 
     let (publisher, handle) = f.start(f.config()).await;
-    assert_eq!(publisher.spool_depth(), 500, "the restarted gateway finds the spool");
+    assert_eq!(
+        publisher.spool_depth(),
+        500,
+        "the restarted gateway finds the spool"
+    );
     f.nats.restart().unwrap();
-    eventually("the reopened spool is replayed", Duration::from_secs(20), || async {
-        publisher.spool_depth() == 0 && f.head_is(500).await
-    })
+    eventually(
+        "the reopened spool is replayed",
+        Duration::from_secs(20),
+        || async { publisher.spool_depth() == 0 && f.head_is(500).await },
+    )
     .await;
     f.assert_exactly_once_in_order(500).await;
     handle.shutdown(Duration::from_secs(5)).await;
@@ -211,18 +285,30 @@ async fn a_gateway_killed_with_events_in_the_spool_delivers_them_after_restart()
 async fn a_full_spool_is_reported_and_still_loses_nothing() {
     let mut f = Fixture::new().await;
     f.nats.stop();
-    let config = PublisherConfig { spool_max_bytes: 4096, ..f.config() };
+    let config = PublisherConfig {
+        spool_max_bytes: 4096,
+        ..f.config()
+    };
     let (publisher, handle) = f.start(config).await;
     assert!(!publisher.spool_full());
     for seq in 0..100 {
         publisher.publish(f.event(seq));
     }
-    eventually("all 100 are in the spool", Duration::from_secs(15), || async {
-        publisher.spool_depth() == 100
-    })
+    eventually(
+        "all 100 are in the spool",
+        Duration::from_secs(15),
+        || async { publisher.spool_depth() == 100 },
+    )
     .await;
-    assert!(publisher.spool_full(), "{} bytes spooled against a 4096-byte limit", publisher.spool_bytes());
-    assert!(publisher.spool_bytes() > 4096, "over the limit, events are still accepted");
+    assert!(
+        publisher.spool_full(),
+        "{} bytes spooled against a 4096-byte limit",
+        publisher.spool_bytes()
+    );
+    assert!(
+        publisher.spool_bytes() > 4096,
+        "over the limit, events are still accepted"
+    );
 
     f.nats.restart().unwrap();
     eventually("the spool drains", Duration::from_secs(20), || async {
@@ -242,22 +328,32 @@ async fn a_torn_line_from_a_crash_is_skipped_and_the_rest_replays() {
     for seq in 0..300 {
         publisher.publish(f.event(seq));
     }
-    eventually("all 300 are in the spool", Duration::from_secs(15), || async {
-        publisher.spool_depth() == 300
-    })
+    eventually(
+        "all 300 are in the spool",
+        Duration::from_secs(15),
+        || async { publisher.spool_depth() == 300 },
+    )
     .await;
     handle.shutdown(Duration::from_secs(3)).await;
     drop(publisher);
 
     // What a crash mid-append leaves: a garbage line and a truncated record.
     let last = segments(f.spool.path()).pop().expect("a segment");
-    let mut file = std::fs::OpenOptions::new().append(true).open(&last).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap();
     file.write_all(b"\0\0\0\0garbage\n").unwrap();
-    file.write_all(br#"{"subject":"x","id":"torn-write","payl"#).unwrap();
+    file.write_all(br#"{"subject":"x","id":"torn-write","payl"#)
+        .unwrap();
     drop(file);
 
     let (publisher, handle) = f.start(f.config()).await;
-    assert_eq!(publisher.spool_depth(), 302, "300 events and two broken lines");
+    assert_eq!(
+        publisher.spool_depth(),
+        302,
+        "300 events and two broken lines"
+    );
     // New events queue behind the reopened spool.
     for seq in 300..350 {
         publisher.publish(f.event(seq));
@@ -268,8 +364,13 @@ async fn a_torn_line_from_a_crash_is_skipped_and_the_rest_replays() {
     })
     .await;
     f.assert_exactly_once_in_order(350).await;
-    let corrupt = std::fs::read_to_string(f.spool.path().join(REJECTED_DIR).join("corrupt.jsonl")).unwrap();
-    assert_eq!(corrupt.lines().count(), 2, "both broken lines are kept for inspection: {corrupt}");
+    let corrupt =
+        std::fs::read_to_string(f.spool.path().join(REJECTED_DIR).join("corrupt.jsonl")).unwrap();
+    assert_eq!(
+        corrupt.lines().count(),
+        2,
+        "both broken lines are kept for inspection: {corrupt}"
+    );
     assert!(corrupt.contains(&hex_of(b"torn-write")));
     handle.shutdown(Duration::from_secs(5)).await;
 }
@@ -284,8 +385,15 @@ async fn shutdown_with_nats_down_spools_what_is_in_memory() {
     }
     let started = Instant::now();
     handle.shutdown(Duration::from_secs(3)).await;
-    assert!(started.elapsed() < Duration::from_secs(4), "shutdown is bounded by its timeout");
-    assert_eq!(publisher.spool_depth(), 100, "nothing in memory is left behind");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown is bounded by its timeout"
+    );
+    assert_eq!(
+        publisher.spool_depth(),
+        100,
+        "nothing in memory is left behind"
+    );
     // After shutdown, publishing still never drops: straight to the spool.
     publisher.publish(f.event(100));
     assert_eq!(publisher.spool_depth(), 101);
@@ -306,20 +414,45 @@ async fn an_event_the_bus_refuses_is_parked_not_dropped() {
     let f = Fixture::new().await;
     let (publisher, handle) = f.start(f.config()).await;
     let mut big = f.event(1);
-    big.payload = Bytes::from(format!(r#"{{"id":"{}","pad":"{}"}}"#, big.id, "x".repeat(2 << 20)));
+    big.payload = Bytes::from(format!(
+        r#"{{"id":"{}","pad":"{}"}}"#,
+        big.id,
+        "x".repeat(2 << 20)
+    ));
     let big_id = big.id.clone();
     publisher.publish(f.event(0));
     publisher.publish(big);
     publisher.publish(f.event(1));
-    eventually("the two acceptable events are in the stream", Duration::from_secs(10), || f.head_is(2)).await;
+    eventually(
+        "the two acceptable events are in the stream",
+        Duration::from_secs(10),
+        || f.head_is(2),
+    )
+    .await;
     let rejected = f.spool.path().join(REJECTED_DIR).join("rejected.jsonl");
-    eventually("the refused event is parked", Duration::from_secs(5), || async { rejected.exists() }).await;
+    eventually(
+        "the refused event is parked",
+        Duration::from_secs(5),
+        || async { rejected.exists() },
+    )
+    .await;
     let parked = std::fs::read_to_string(&rejected).unwrap();
     let record: serde_json::Value = serde_json::from_str(parked.lines().next().unwrap()).unwrap();
     assert_eq!(record["id"].as_str(), Some(big_id.as_str()));
-    assert!(record["error"].as_str().is_some_and(|e| !e.is_empty()), "the error is kept: {}", record["error"]);
-    assert_eq!(record["payload"]["id"].as_str(), Some(big_id.as_str()), "the event itself is kept");
-    assert!(publisher.bus_healthy(), "a refused event says nothing about the bus");
+    assert!(
+        record["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "the error is kept: {}",
+        record["error"]
+    );
+    assert_eq!(
+        record["payload"]["id"].as_str(),
+        Some(big_id.as_str()),
+        "the event itself is kept"
+    );
+    assert!(
+        publisher.bus_healthy(),
+        "a refused event says nothing about the bus"
+    );
     assert_eq!(publisher.spool_depth(), 0);
     handle.shutdown(Duration::from_secs(5)).await;
 }

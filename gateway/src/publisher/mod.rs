@@ -37,8 +37,9 @@
 //!
 //! # Why nothing is lost
 //!
-//! A message is always in exactly one of: the channel, the worker's in-flight
-//! batch, the spool file, the rejected file, or acknowledged by the bus. Every
+//! A message is always in at least one of: the channel, the worker's in-flight
+//! batch, the stash (memory, only while the disk refuses writes), the spool
+//! file, the rejected file, or the bus (acknowledged). Every
 //! transition out of memory happens only after the destination has it: the
 //! spool cursor moves only past events the bus acknowledged (or parked), and a
 //! segment is deleted only after the cursor has moved past it. Failures in the
@@ -67,9 +68,10 @@
 //! spool within a batch.
 //!
 //! A kernel crash or power loss can additionally lose spool appends not yet
-//! fsynced: the spool fsyncs on segment rotation, at least every
-//! [`SYNC_INTERVAL`] while the worker is replaying or waiting for the bus, and
-//! on shutdown.
+//! fsynced. The spool fsyncs when a segment is sealed (rotation), after a
+//! worker append or at a backoff tick once [`SYNC_INTERVAL`] has passed since
+//! the last fsync (so unsynced data is at most about
+//! `max(SYNC_INTERVAL, retry_backoff_max)` old), and on shutdown.
 //!
 //! # Bounded, with a small overshoot
 //!
@@ -203,7 +205,8 @@ impl State {
     }
 
     fn set_stashed(&self, stash: &Stash) {
-        self.stashed.store(stash.msgs.len() as u64, Ordering::Relaxed);
+        self.stashed
+            .store(stash.msgs.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -214,9 +217,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Publisher {
     /// Opens the spool in `config.spool_dir` (what a previous run or a crash
     /// left there is replayed first, in order) and starts the worker.
-    pub async fn start(bus: Arc<dyn EventBus>, config: PublisherConfig) -> io::Result<(Publisher, PublisherHandle)> {
+    pub async fn start(
+        bus: Arc<dyn EventBus>,
+        config: PublisherConfig,
+    ) -> io::Result<(Publisher, PublisherHandle)> {
         let stats = Arc::new(SpoolStats::default());
-        let (dir, segment_max, for_open) = (config.spool_dir.clone(), config.segment_max_bytes, Arc::clone(&stats));
+        let (dir, segment_max, for_open) = (
+            config.spool_dir.clone(),
+            config.segment_max_bytes,
+            Arc::clone(&stats),
+        );
         let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, segment_max, for_open))
             .await
             .map_err(io::Error::other)??;
@@ -255,16 +265,26 @@ impl Publisher {
                 spool_max_bytes: config.spool_max_bytes,
             }),
         };
-        Ok((publisher, PublisherHandle { task: Some(task), stop: stop_tx, spool }))
+        Ok((
+            publisher,
+            PublisherHandle {
+                task: Some(task),
+                stop: stop_tx,
+                spool,
+            },
+        ))
     }
 
     /// Hands `msg` to the worker without waiting for the broker. When the
     /// channel is full (or the worker has stopped) the message is appended to
-    /// the spool right here, so it is never dropped.
+    /// the spool right here, so it is never dropped; only then can the call
+    /// block, briefly, on the spool's lock and one `write(2)`.
     pub fn publish(&self, msg: Outgoing) {
         let msg = match self.inner.tx.try_send(msg) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(msg) | mpsc::error::TrySendError::Closed(msg)) => msg,
+            Err(mpsc::error::TrySendError::Full(msg) | mpsc::error::TrySendError::Closed(msg)) => {
+                msg
+            }
         };
         self.inner.spill(msg);
     }
@@ -351,15 +371,21 @@ impl PublisherHandle {
     /// the spool is not empty), fsyncs the spool, and stops, within `timeout`.
     /// A quarter of the budget (at most 2 s) is kept for the disk.
     pub async fn shutdown(mut self, timeout: Duration) {
-        let Some(mut task) = self.task.take() else { return };
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
         let reserve = (timeout / 4).min(Duration::from_secs(2));
-        self.stop.send_replace(Some(Instant::now() + timeout.saturating_sub(reserve)));
+        self.stop
+            .send_replace(Some(Instant::now() + timeout.saturating_sub(reserve)));
         match tokio::time::timeout(timeout, &mut task).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "event publisher task failed"),
             Err(_) => {
                 task.abort();
-                error!(?timeout, "event publisher did not drain in time; events still in memory may be lost");
+                error!(
+                    ?timeout,
+                    "event publisher did not drain in time; events still in memory may be lost"
+                );
                 let spool = Arc::clone(&self.spool);
                 let synced = tokio::task::spawn_blocking(move || lock(&spool).sync()).await;
                 if !matches!(synced, Ok(Ok(()))) {
@@ -374,7 +400,9 @@ impl Drop for PublisherHandle {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             if !task.is_finished() {
-                warn!("PublisherHandle dropped without shutdown(): stopping the event publisher like a crash");
+                warn!(
+                    "PublisherHandle dropped without shutdown(): stopping the event publisher like a crash"
+                );
             }
             task.abort();
         }

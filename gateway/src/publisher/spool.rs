@@ -136,7 +136,11 @@ impl Spool {
     /// counts what a previous run left behind.
     pub fn open(dir: &Path, segment_max: u64, stats: Arc<SpoolStats>) -> io::Result<Self> {
         fs::create_dir_all(dir.join(REJECTED_DIR))?;
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -150,9 +154,15 @@ impl Spool {
 
         let mut ids = list_segments(dir)?;
         let stored = read_cursor(dir);
-        let mut cursor = stored.unwrap_or(Pos { segment: ids.first().copied().unwrap_or(1), offset: 0 });
+        let mut cursor = stored.unwrap_or(Pos {
+            segment: ids.first().copied().unwrap_or(1),
+            offset: 0,
+        });
         // Never reuse the cursor's id: a stale cursor must not point into a new file.
-        let next_id = ids.last().map_or(1, |last| last + 1).max(cursor.segment + 1);
+        let next_id = ids
+            .last()
+            .map_or(1, |last| last + 1)
+            .max(cursor.segment + 1);
 
         // Fully acknowledged segments a crash left between cursor write and delete.
         for id in ids.iter().filter(|id| **id < cursor.segment) {
@@ -160,7 +170,10 @@ impl Spool {
         }
         ids.retain(|id| *id >= cursor.segment);
         if ids.first() != Some(&cursor.segment) {
-            cursor = Pos { segment: ids.first().copied().unwrap_or(next_id), offset: 0 };
+            cursor = Pos {
+                segment: ids.first().copied().unwrap_or(next_id),
+                offset: 0,
+            };
         }
 
         let mut segments = VecDeque::with_capacity(ids.len());
@@ -173,7 +186,11 @@ impl Spool {
             if let Err(e) = file.sync_all() {
                 warn!(segment = id, error = %e, "fsync of a spool segment on open failed");
             }
-            let from = if id == cursor.segment { cursor.offset.min(len) } else { 0 };
+            let from = if id == cursor.segment {
+                cursor.offset.min(len)
+            } else {
+                0
+            };
             if id == cursor.segment {
                 cursor.offset = from;
             }
@@ -284,7 +301,11 @@ impl Spool {
 
     /// [`Spool::sync`] when more than [`SYNC_INTERVAL`] has passed.
     pub fn sync_if_due(&mut self) -> io::Result<()> {
-        if self.dirty && self.last_sync.elapsed() >= SYNC_INTERVAL { self.sync() } else { Ok(()) }
+        if self.dirty && self.last_sync.elapsed() >= SYNC_INTERVAL {
+            self.sync()
+        } else {
+            Ok(())
+        }
     }
 
     /// Up to `max` events from the cursor, oldest first, without consuming
@@ -296,11 +317,19 @@ impl Spool {
         let mut pos = self.cursor;
         let mut line = Vec::new();
         while out.len() < max {
-            let Some(index) = self.segments.iter().position(|s| s.id == pos.segment) else { break };
-            let (seg_len, next_seg) = (self.segments[index].len, self.segments.get(index + 1).map(|s| s.id));
+            let Some(index) = self.segments.iter().position(|s| s.id == pos.segment) else {
+                break;
+            };
+            let (seg_len, next_seg) = (
+                self.segments[index].len,
+                self.segments.get(index + 1).map(|s| s.id),
+            );
             if pos.offset >= seg_len {
                 let Some(next) = next_seg else { break };
-                pos = Pos { segment: next, offset: 0 };
+                pos = Pos {
+                    segment: next,
+                    offset: 0,
+                };
                 if out.is_empty() {
                     // Nothing pending before it: drop the finished segment now.
                     self.commit(pos, 0);
@@ -311,13 +340,20 @@ impl Spool {
             let n = self.read_line(pos, &mut line)?;
             if n == 0 {
                 // The file is shorter than we thought (truncated behind our back).
-                warn!(segment = pos.segment, offset = pos.offset, "spool segment ended early");
+                warn!(
+                    segment = pos.segment,
+                    offset = pos.offset,
+                    "spool segment ended early"
+                );
                 if let Some(s) = self.segments.get_mut(index) {
                     s.len = pos.offset;
                 }
                 continue;
             }
-            let end = Pos { segment: pos.segment, offset: pos.offset + n };
+            let end = Pos {
+                segment: pos.segment,
+                offset: pos.offset + n,
+            };
             let body = line.strip_suffix(b"\n").unwrap_or(&line);
             match decode(body) {
                 Ok(msg) => {
@@ -365,7 +401,10 @@ impl Spool {
             }
             self.segments.pop_front();
             if self.cursor.segment == id {
-                self.cursor = Pos { segment: self.segments.front().map_or(self.next_id, |s| s.id), offset: 0 };
+                self.cursor = Pos {
+                    segment: self.segments.front().map_or(self.next_id, |s| s.id),
+                    offset: 0,
+                };
             }
             finished.push(id);
         }
@@ -402,8 +441,12 @@ impl Spool {
             raw_hex: &'a str,
         }
         let raw_hex = hex::encode(line);
-        let mut buf = serde_json::to_vec(&Corrupt { segment: at.segment, offset: at.offset, raw_hex: &raw_hex })
-            .map_err(io::Error::other)?;
+        let mut buf = serde_json::to_vec(&Corrupt {
+            segment: at.segment,
+            offset: at.offset,
+            raw_hex: &raw_hex,
+        })
+        .map_err(io::Error::other)?;
         buf.push(b'\n');
         append_synced(&self.dir.join(REJECTED_DIR).join(CORRUPT_FILE), &buf)
     }
@@ -419,11 +462,17 @@ impl Spool {
 
     fn create_segment(&mut self) -> io::Result<()> {
         let id = self.next_id;
-        let file = OpenOptions::new().create_new(true).append(true).open(segment_path(&self.dir, id))?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(segment_path(&self.dir, id))?;
         sync_dir(&self.dir);
         self.next_id += 1;
         if self.segments.is_empty() {
-            self.cursor = Pos { segment: id, offset: 0 };
+            self.cursor = Pos {
+                segment: id,
+                offset: 0,
+            };
         }
         self.segments.push_back(Segment { id, len: 0 });
         self.writer = Some(file);
@@ -436,7 +485,11 @@ impl Spool {
             _ => {
                 let mut file = File::open(segment_path(&self.dir, pos.segment))?;
                 file.seek(SeekFrom::Start(pos.offset))?;
-                Reader { segment: pos.segment, offset: pos.offset, inner: BufReader::with_capacity(256 * 1024, file) }
+                Reader {
+                    segment: pos.segment,
+                    offset: pos.offset,
+                    inner: BufReader::with_capacity(256 * 1024, file),
+                }
             }
         };
         line.clear();
@@ -449,7 +502,8 @@ impl Spool {
     fn write_cursor(&self) {
         let tmp = self.dir.join(CURSOR_TMP);
         let text = format!("{} {}\n", self.cursor.segment, self.cursor.offset);
-        let result = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, self.dir.join(CURSOR_FILE)));
+        let result =
+            fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, self.dir.join(CURSOR_FILE)));
         if let Err(e) = result {
             // Not fatal: a stale cursor only re-sends acknowledged events.
             warn!(error = %e, "could not persist the spool cursor");
@@ -510,7 +564,9 @@ fn count_lines(mut file: File, from: u64) -> io::Result<u64> {
     let (mut lines, mut last) = (0u64, b'\n');
     loop {
         let n = file.read(&mut buf)?;
-        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else { break };
+        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
+            break;
+        };
         lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
         last = chunk.last().copied().unwrap_or(last);
     }
@@ -533,7 +589,9 @@ fn remove_quietly(path: &Path) {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => warn!(path = %path.display(), error = %e, "could not delete a drained spool segment"),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "could not delete a drained spool segment")
+        }
     }
 }
 
@@ -578,7 +636,11 @@ fn embeddable(payload: &[u8]) -> Option<&RawValue> {
 }
 
 /// One record and its newline.
-pub(crate) fn encode_into(msg: &Outgoing, error: Option<&str>, out: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) fn encode_into(
+    msg: &Outgoing,
+    error: Option<&str>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let payload = embeddable(&msg.payload);
     let record = RecordOut {
         subject: &msg.subject,
@@ -601,7 +663,12 @@ pub(crate) fn decode(line: &[u8]) -> Result<Outgoing, String> {
         (None, Some(h)) => Bytes::from(hex::decode(h).map_err(|e| format!("payload_hex: {e}"))?),
         (None, None) => return Err("record has no payload".to_owned()),
     };
-    Ok(Outgoing { subject: record.subject, id: record.id, payload, headers: record.headers })
+    Ok(Outgoing {
+        subject: record.subject,
+        id: record.id,
+        payload,
+        headers: record.headers,
+    })
 }
 
 #[cfg(test)]
@@ -636,7 +703,11 @@ mod tests {
             let m = msg(i, p);
             let mut line = Vec::new();
             encode_into(&m, None, &mut line).unwrap();
-            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "one line: {line:?}");
+            assert_eq!(
+                line.iter().filter(|b| **b == b'\n').count(),
+                1,
+                "one line: {line:?}"
+            );
             assert_eq!(decode(line.strip_suffix(b"\n").unwrap()).unwrap(), m);
         }
         let mut line = Vec::new();
@@ -649,12 +720,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut s = open(tmp.path(), 300);
         for i in 0..10 {
-            s.append(&[msg(i, br#"{"k":"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv"}"#)]).unwrap();
+            s.append(&[msg(i, br#"{"k":"vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv"}"#)])
+                .unwrap();
         }
         assert!(s.segments.len() > 1, "rotated: {:?}", s.segments);
         assert_eq!(s.events(), 10);
         let first = s.peek(4).unwrap();
-        assert_eq!(first.iter().map(|e| e.msg.id.as_str()).collect::<Vec<_>>(), ["id-0", "id-1", "id-2", "id-3"]);
+        assert_eq!(
+            first.iter().map(|e| e.msg.id.as_str()).collect::<Vec<_>>(),
+            ["id-0", "id-1", "id-2", "id-3"]
+        );
         s.commit(first[3].end, 4);
         // Peeked but not committed: replayed again after a restart.
         let _ = s.peek(2).unwrap();
@@ -669,7 +744,10 @@ mod tests {
         s.commit(end, 6);
         assert!(s.is_empty());
         assert_eq!((s.events(), s.bytes()), (0, 0));
-        assert!(list_segments(tmp.path()).unwrap().is_empty(), "drained segments are deleted");
+        assert!(
+            list_segments(tmp.path()).unwrap().is_empty(),
+            "drained segments are deleted"
+        );
         // New appends after draining land in a fresh segment and are read.
         s.append(&[msg(42, b"{}")]).unwrap();
         assert_eq!(s.peek(10).unwrap().len(), 1);
@@ -708,6 +786,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let _first = open(tmp.path(), 1 << 20);
         let second = Spool::open(tmp.path(), 1 << 20, Arc::default());
-        assert_eq!(second.err().map(|e| e.kind()), Some(io::ErrorKind::WouldBlock));
+        assert_eq!(
+            second.err().map(|e| e.kind()),
+            Some(io::ErrorKind::WouldBlock)
+        );
     }
 }

@@ -57,7 +57,10 @@ impl Worker {
             stop,
             batch_max: config.batch_max.max(1),
             publish_timeout: config.publish_timeout,
-            backoff: Backoff::new(BACKOFF_MIN.min(config.retry_backoff_max), config.retry_backoff_max),
+            backoff: Backoff::new(
+                BACKOFF_MIN.min(config.retry_backoff_max),
+                config.retry_backoff_max,
+            ),
             deadline: None,
             channel_closed: false,
         }
@@ -187,7 +190,11 @@ impl Worker {
                 retry_later = true;
             }
         }
-        if let Some(end) = acked.checked_sub(1).and_then(|i| entries.get(i)).map(|e| e.end) {
+        if let Some(end) = acked
+            .checked_sub(1)
+            .and_then(|i| entries.get(i))
+            .map(|e| e.end)
+        {
             let events = acked as u64;
             self.blocking(move |s| s.commit(end, events)).await;
             debug!(events, "replayed events from the spool");
@@ -254,7 +261,9 @@ impl Worker {
             })
             .await;
         match written {
-            Some((Ok(()), _)) => metrics::counter!("tollgate_gateway_events_spooled_total").increment(n),
+            Some((Ok(()), _)) => {
+                metrics::counter!("tollgate_gateway_events_spooled_total").increment(n)
+            }
             Some((Err(e), all)) => {
                 error!(error = %e, events = n, "event spool write failed; holding events in memory and reporting spool_full until the disk recovers");
                 let mut stash = lock(&self.state.stash);
@@ -296,7 +305,10 @@ impl Worker {
         }
         let n = items.len() as u64;
         metrics::counter!("tollgate_gateway_publish_rejected_total").increment(n);
-        match self.blocking(move |s| (s.park_rejected(&items), items)).await {
+        match self
+            .blocking(move |s| (s.park_rejected(&items), items))
+            .await
+        {
             Some((Ok(()), _)) => Ok(()),
             Some((Err(e), items)) => {
                 error!(error = %e, events = n, "could not write rejected events to disk; keeping them");
@@ -317,7 +329,8 @@ impl Worker {
             }
             () = bus_deadline(stop, deadline) => Err("shutdown deadline reached".to_owned()),
         };
-        metrics::histogram!("tollgate_gateway_publish_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tollgate_gateway_publish_seconds")
+            .record(started.elapsed().as_secs_f64());
         let (mut results, why) = match outcome {
             Ok(results) => (results, "no result for this message".to_owned()),
             Err(why) => (Vec::new(), why),
@@ -372,7 +385,11 @@ impl Worker {
                 break;
             }
             let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
-            if in_time && self.spool_empty() && self.state.stashed() == 0 && self.state.bus_healthy() {
+            if in_time
+                && self.spool_empty()
+                && self.state.stashed() == 0
+                && self.state.bus_healthy()
+            {
                 self.publish_direct(batch).await;
             } else {
                 self.append_to_spool(batch).await;
@@ -413,7 +430,10 @@ impl Worker {
     }
 
     /// Runs `f` on the spool off the async threads (appends, reads, fsyncs).
-    async fn blocking<R: Send + 'static>(&self, f: impl FnOnce(&mut Spool) -> R + Send + 'static) -> Option<R> {
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Spool) -> R + Send + 'static,
+    ) -> Option<R> {
         let spool = Arc::clone(&self.spool);
         match tokio::task::spawn_blocking(move || f(&mut lock(&spool))).await {
             Ok(r) => Some(r),
@@ -450,7 +470,11 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, next: min }
+        Self {
+            min,
+            max,
+            next: min,
+        }
     }
 
     fn next(&mut self) -> Duration {

@@ -174,18 +174,18 @@ impl EventBus for JetStreamBus {
             let sent = self.js.send_publish(msg.subject.clone(), Self::build(msg)).await;
             pending.push(sent);
         }
-        let mut out = Vec::with_capacity(msgs.len());
-        for sent in pending {
-            let result = match sent {
+        // Await the acks together: each has its own timeout, and against a
+        // dead server they must all expire at once, not one after another.
+        futures::future::join_all(pending.into_iter().map(|sent| async move {
+            match sent {
                 Ok(fut) => fut
                     .await
                     .map(|ack| PublishReceipt { position: ack.sequence, duplicate: ack.duplicate })
                     .map_err(|e| BusError::new(Self::classify(&e), e)),
                 Err(e) => Err(BusError::new(Self::classify(&e), e)),
-            };
-            out.push(result);
-        }
-        out
+            }
+        }))
+        .await
     }
 
     async fn consumer(&self, spec: ConsumerSpec) -> Result<Box<dyn EventConsumer>, BusError> {

@@ -80,11 +80,10 @@ fn spawn(dir: &Path, cleanup: bool) -> anyhow::Result<Supervised> {
 fn wait_ready(http_port: u16, process: &mut Supervised, dir: &Path) -> anyhow::Result<()> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
-        if let Ok((200, body)) = http_request(http_port, "GET", "/ping", "") {
-            if body.starts_with("Ok") {
+        if let Ok((200, body)) = http_request(http_port, "GET", "/ping", "")
+            && body.starts_with("Ok") {
                 return Ok(());
             }
-        }
         if !process.is_running() {
             break;
         }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The local stack, tested as a user runs it: `up` on a fresh state dir and
+# its own ports, `up` again (harmless), the finance tables exist, the official
+# SDK conformance suite against it, then `down` leaves no process of ours.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export TOLLGATE_LOCAL_DIR=${TOLLGATE_STACK_TEST_DIR:-$(mktemp -d /tmp/tollgate-stack-test.XXXXXX)}
+export TOLLGATE_PORT_BASE=${TOLLGATE_STACK_TEST_PORT_BASE:-27400}
+export TOLLGATE_PROFILE=${TOLLGATE_PROFILE:-dev}
+VENV=${TOLLGATE_VENV:-$ROOT/.local/venv}
+LOCAL_SH="$ROOT/deploy/local.sh"
+pass=0; fail=0
+ok() { echo "ok: $*"; pass=$((pass + 1)); }
+bad() { echo "FAILED: $*"; fail=$((fail + 1)); }
+cleanup() { "$LOCAL_SH" down >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+"$LOCAL_SH" up
+pids_first=$(cat "$TOLLGATE_LOCAL_DIR"/run/*.pid | sort | tr '\n' ' ')
+"$LOCAL_SH" up
+pids_second=$(cat "$TOLLGATE_LOCAL_DIR"/run/*.pid | sort | tr '\n' ' ')
+[ "$pids_first" = "$pids_second" ] && ok "up twice keeps the same processes" || bad "up twice restarted something ($pids_first vs $pids_second)"
+
+set -a; . "$TOLLGATE_LOCAL_DIR/env"; set +a
+for v in TOLLGATE_GATEWAY_URL TOLLGATE_BILLING_URL TOLLGATE_ADMIN_KEY TOLLGATE_DEMO_KEY TOLLGATE_MOCK_URL \
+         TOLLGATE_CLICKHOUSE_URL TOLLGATE_CLICKHOUSE_DB TOLLGATE_CLICKHOUSE_USER TOLLGATE_CLICKHOUSE_PASSWORD \
+         TOLLGATE_NATS_URL TOLLGATE_BUS TOLLGATE_KAFKA_BROKERS; do
+  grep -q "^$v=" "$TOLLGATE_LOCAL_DIR/env" || bad ".local/env lacks $v"
+done
+ok ".local/env has every variable of ARCHITECTURE.md"
+
+tables=$(curl -fsS -u "$TOLLGATE_CLICKHOUSE_USER:$TOLLGATE_CLICKHOUSE_PASSWORD" "$TOLLGATE_CLICKHOUSE_URL/" --data-binary "SHOW TABLES FROM tollgate")
+missing=""
+for t in usage ledger invoices invoice_lines; do grep -qx "$t" <<<"$tables" || missing="$missing $t"; done
+[ -z "$missing" ] && ok "finance tables visible to the read-only user" || bad "missing finance tables:$missing"
+if curl -fsS -u "$TOLLGATE_CLICKHOUSE_USER:$TOLLGATE_CLICKHOUSE_PASSWORD" "$TOLLGATE_CLICKHOUSE_URL/" \
+     --data-binary "CREATE TABLE tollgate.nope (x UInt8) ENGINE = Memory" >/dev/null 2>&1; then
+  bad "the finance user can write"
+else
+  ok "the finance user is read-only"
+fi
+
+if [ -d "$ROOT/tests/python" ] && [ -x "$VENV/bin/pytest" ]; then
+  if TOLLGATE_ENV_FILE="$TOLLGATE_LOCAL_DIR/env" "$VENV/bin/pytest" -q "$ROOT/tests/python" -p no:cacheprovider; then
+    ok "official SDK conformance suite"
+  else
+    bad "official SDK conformance suite"
+  fi
+else
+  bad "no Python venv at $VENV (run ./deploy/local.sh test, which makes it)"
+fi
+
+started_pids=$(cat "$TOLLGATE_LOCAL_DIR"/run/*.pid)
+"$LOCAL_SH" down
+sleep 0.5
+left=$(pgrep -af "$TOLLGATE_LOCAL_DIR" || true)
+for p in $started_pids; do kill -0 "$p" 2>/dev/null && left="$left pid $p"; done
+[ -z "$left" ] && ok "down leaves no process of ours running" || bad "still running after down: $left"
+trap - EXIT
+
+echo "stack: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
