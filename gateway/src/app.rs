@@ -25,7 +25,7 @@ use crate::error::{ApiStyle, GatewayError};
 use crate::limits::Limits;
 use crate::publisher::{Publisher, PublisherConfig};
 use crate::routing::Router as ModelRouter;
-use crate::{openai, telemetry};
+use crate::{anthropic, openai, telemetry};
 
 pub struct AppState {
     pub config: Config,
@@ -94,12 +94,16 @@ pub fn routes(app: App) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model}", get(openai::get_model))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_id))
         .with_state(app)
 }
@@ -159,6 +163,11 @@ async fn metrics(State(app): State<App>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let style = if req.uri().path().starts_with("/v1/messages") { ApiStyle::Anthropic } else { ApiStyle::OpenAi };
+    GatewayError::MethodNotAllowed(req.method().to_string()).into_response_for(style)
 }
 
 async fn fallback(req: Request) -> Response {

@@ -63,6 +63,10 @@ pub enum GatewayError {
     RouteNotFound(String),
     #[error("{message}")]
     Upstream { status: StatusCode, message: String },
+    #[error("{message}")]
+    UpstreamRateLimited { retry_after: Duration, message: String },
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
     #[error("the gateway is not accepting work right now: {0}")]
     Unavailable(&'static str),
     #[error("internal error")]
@@ -83,6 +87,8 @@ impl GatewayError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { status, .. } => *status,
+            Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,6 +109,8 @@ impl GatewayError {
             },
             Self::RouteNotFound(_) => ("invalid_request_error", Some("unknown_url")),
             Self::Upstream { .. } => ("api_error", Some("upstream_error")),
+            Self::UpstreamRateLimited { .. } => ("requests", Some("upstream_rate_limited")),
+            Self::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             Self::Unavailable(_) => ("api_error", Some("service_unavailable")),
             Self::Internal(_) => ("api_error", None),
         }
@@ -114,8 +122,8 @@ impl GatewayError {
             Self::MissingKey | Self::InvalidKey(_) => "authentication_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
-            Self::BadRequest { .. } | Self::PayloadTooLarge(_) => "invalid_request_error",
-            Self::RateLimited { .. } => "rate_limit_error",
+            Self::BadRequest { .. } | Self::PayloadTooLarge(_) | Self::MethodNotAllowed(_) => "invalid_request_error",
+            Self::RateLimited { .. } | Self::UpstreamRateLimited { .. } => "rate_limit_error",
             Self::Unavailable(_) => "overloaded_error",
             Self::Upstream { status, .. } if status.as_u16() == 529 => "overloaded_error",
             Self::Upstream { .. } | Self::Internal(_) => "api_error",
@@ -155,12 +163,18 @@ impl GatewayError {
             }
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if let Self::RateLimited { retry_after, headers, .. } = self {
-            let h = resp.headers_mut();
-            h.extend(headers);
+        let retry = match self {
+            Self::RateLimited { retry_after, headers, .. } => {
+                resp.headers_mut().extend(headers);
+                Some(retry_after)
+            }
+            Self::UpstreamRateLimited { retry_after, .. } => Some(retry_after),
+            _ => None,
+        };
+        if let Some(retry_after) = retry {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                h.insert(HeaderName::from_static("retry-after"), v);
+                resp.headers_mut().insert(HeaderName::from_static("retry-after"), v);
             }
         }
         resp

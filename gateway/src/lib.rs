@@ -10,13 +10,16 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod limits;
+pub mod anthropic;
 pub mod openai;
+pub mod pipeline;
 pub mod proxy;
 pub mod publisher;
 pub mod routing;
 pub mod sse;
 pub mod telemetry;
 pub mod tokens;
+pub mod translate;
 
 pub use app::run;
 pub use config::Config;

@@ -28,10 +28,13 @@ pub struct Upstream {
 
 /// What to send; the body is rebuilt per deployment (its upstream model).
 pub struct Outbound<'a> {
-    pub path: &'a str,
+    /// Path under the deployment's base URL (it depends on its format).
+    pub path: &'a (dyn Fn(&Deployment) -> &'static str + Sync),
     pub body: &'a (dyn Fn(&Deployment) -> Bytes + Sync),
     /// Client headers forwarded to deployments that allow them.
     pub forward: &'a [(String, String)],
+    /// `anthropic-version` for Anthropic deployments.
+    pub anthropic_version: &'a str,
 }
 
 pub async fn send(
@@ -86,8 +89,12 @@ pub async fn send(
     }))
 }
 
+/// Statuses that are the deployment's problem, not the caller's: 5xx, 429,
+/// and 401/403/404, which mean the gateway's own upstream credentials or
+/// model mapping are wrong (the caller's key and model were already checked).
 fn is_failure_status(s: StatusCode) -> bool {
-    s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS
+    s.is_server_error()
+        || matches!(s, StatusCode::TOO_MANY_REQUESTS | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND)
 }
 
 async fn attempt(
@@ -96,7 +103,7 @@ async fn attempt(
     attempt_timeout: Duration,
     deadline: Instant,
 ) -> Result<reqwest::Response, GatewayError> {
-    let url = format!("{}{}", d.base_url, out.path);
+    let url = format!("{}{}", d.base_url, (out.path)(d));
     let remaining = deadline.saturating_duration_since(Instant::now());
     let mut req = d
         .client
@@ -109,6 +116,9 @@ async fn attempt(
             ProviderKind::Openai => req.bearer_auth(key),
             ProviderKind::Anthropic => req.header("x-api-key", key),
         };
+    }
+    if d.provider == ProviderKind::Anthropic {
+        req = req.header("anthropic-version", out.anthropic_version);
     }
     for (k, v) in out.forward {
         if d.forwards(k) {
@@ -145,9 +155,16 @@ async fn map_status(status: StatusCode, resp: reqwest::Response) -> GatewayError
     let detail = resp.text().await.unwrap_or_default();
     let detail: String = detail.chars().take(300).collect();
     if status == StatusCode::TOO_MANY_REQUESTS {
-        return GatewayError::Upstream {
-            status,
+        return GatewayError::UpstreamRateLimited {
+            retry_after: Duration::from_secs(retry_after),
             message: format!("the upstream is rate limiting (retry after {retry_after}s): {detail}"),
+        };
+    }
+    if status.is_client_error() {
+        tracing::error!(%status, %detail, "upstream refused the gateway's credentials or model mapping");
+        return GatewayError::Upstream {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("the upstream refused the gateway's request ({status}); this is a gateway configuration problem"),
         };
     }
     let status = match status.as_u16() {

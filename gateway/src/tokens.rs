@@ -43,6 +43,9 @@ pub fn estimate_request_input(body: &serde_json::Map<String, Value>) -> u64 {
         }
         n += 3;
     }
+    if let Some(p) = body.get("input") {
+        n += count_value(p);
+    }
     if let Some(p) = body.get("prompt") {
         n += count_value(p);
     }

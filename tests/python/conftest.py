@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable
 
 # Hypothesis (used by schemathesis) keeps a cache directory; keep it out of the work tree.
 os.environ.setdefault(
-    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "tollgate-pytest-hypothesis")
+    "HYPOTHESIS_STORAGE_DIRECTORY",
+    os.path.join(tempfile.gettempdir(), "tollgate-pytest-hypothesis"),
 )
 
 import httpx  # noqa: E402
@@ -411,6 +412,67 @@ def wait_usage(clickhouse: ClickHouse) -> Callable[..., dict[str, Any]]:
         return wait_usage_row(clickhouse, request_id, timeout)
 
     return wait
+
+
+# ---------------------------------------------------------------- the price book in config
+
+
+@dataclass(frozen=True)
+class PriceBook:
+    """The gateway config's `[prices]` (USD per million tokens, by public model name)."""
+
+    version: str
+    models: dict[str, dict[str, Decimal]]
+
+    def cost(self, row: dict[str, Any]) -> Decimal | None:
+        """The exact cost of a usage row at this price book, or None if it cannot say (another
+        version, an unpriced model, tokens of a kind without a price)."""
+        if str(row.get("price_version", self.version)) != self.version:
+            return None
+        prices = self.models.get(row.get("requested_model") or "")
+        if prices is None:
+            return None
+        total = Decimal(0)
+        for column, price in (
+            ("input_tokens", "input_per_million"),
+            ("output_tokens", "output_per_million"),
+            ("cache_read_tokens", "cache_read_per_million"),
+            ("cache_write_tokens", "cache_write_per_million"),
+        ):
+            tokens = int(row.get(column) or 0)
+            if tokens == 0:
+                continue
+            if price not in prices:
+                return None
+            total += tokens * prices[price]
+        return total / Decimal(1_000_000)
+
+
+def load_price_book(stack: Stack) -> PriceBook | None:
+    if stack.gateway_config is None:
+        return None
+    import tomllib
+
+    try:
+        config = tomllib.loads(stack.gateway_config.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    prices = config.get("prices")
+    if not isinstance(prices, dict) or not isinstance(prices.get("models"), dict):
+        return None
+    return PriceBook(
+        version=str(prices.get("version", "")),
+        models={
+            model: {k: Decimal(str(v)) for k, v in table.items() if k.endswith("_per_million")}
+            for model, table in prices["models"].items()
+            if isinstance(table, dict)
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def price_book(stack: Stack) -> PriceBook | None:
+    return load_price_book(stack)
 
 
 # ---------------------------------------------------------------- what the demo config offers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -20,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import CHAT_MODEL, DEMO_MODELS, HTTP_TIMEOUT, Stack, openai_client
+from conftest import CHAT_MODEL, DEMO_MODELS, HTTP_TIMEOUT, PriceBook, Stack
 
 # Most chunks any single stream in this suite may yield before the test gives up on it.
 MAX_CHUNKS = 5000
@@ -42,12 +43,16 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
 def check_error_response(resp: Any, status: int) -> dict[str, Any]:
     """An OpenAI-shaped error: the status, `x-request-id`, JSON `{"error": {message, type, param,
     code}}`. `resp` is an httpx (or the SDK's httpx2) response."""
-    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:500]}"
+    assert resp.status_code == status, (
+        f"expected {status}, got {resp.status_code}: {resp.text[:500]}"
+    )
     assert resp.headers.get("x-request-id"), f"{status} without x-request-id: {dict(resp.headers)}"
     ctype = resp.headers.get("content-type", "")
     assert ctype.startswith("application/json"), f"{status} error with content-type {ctype!r}"
     body = resp.json()
-    assert isinstance(body, dict) and isinstance(body.get("error"), dict), f"not an OpenAI error: {body}"
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), (
+        f"not an OpenAI error: {body}"
+    )
     err = body["error"]
     missing = {"message", "type", "param", "code"} - set(err)
     assert not missing, f"error object lacks {sorted(missing)}: {body}"
@@ -71,14 +76,32 @@ def check_plain_headers(headers: Any) -> Decimal:
     retries = headers.get("x-tollgate-retries")
     assert retries is not None and retries.isdigit(), f"x-tollgate-retries {retries!r}"
     cost = headers.get("x-tollgate-cost")
-    assert cost is not None and DECIMAL_STRING.match(cost), f"x-tollgate-cost {cost!r} is not a plain decimal"
+    assert cost is not None and DECIMAL_STRING.match(cost), (
+        f"x-tollgate-cost {cost!r} is not a plain decimal"
+    )
     return Decimal(cost)
 
 
+# The price book in the gateway's config (set once per session by `_load_prices`).
+PRICES: PriceBook | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _load_prices(price_book: PriceBook | None) -> None:
+    global PRICES
+    PRICES = price_book
+
+
 def check_row_tokens(
-    row: dict[str, Any], usage: Any, *, streamed: bool, requested_model: str = CHAT_MODEL
+    row: dict[str, Any],
+    usage: Any,
+    *,
+    streamed: bool,
+    requested_model: str = CHAT_MODEL,
+    headers: Any = None,
 ) -> None:
-    """The usage row carries exactly the tokens the client saw (OpenAI usage object)."""
+    """The usage row carries exactly the tokens the client saw (OpenAI usage object), the
+    request's facts, and the cost the price book gives for those tokens."""
     prompt_in_row = row["input_tokens"] + row["cache_read_tokens"] + row["cache_write_tokens"]
     assert prompt_in_row == usage.prompt_tokens, (row, usage)
     assert row["output_tokens"] == usage.completion_tokens, (row, usage)
@@ -92,6 +115,13 @@ def check_row_tokens(
     assert row["streamed"] == (1 if streamed else 0), row
     if "requested_model" in row:
         assert row["requested_model"] == requested_model, row
+    if "provider" in row:
+        assert row["provider"] == "openai", row
+    if headers is not None and "deployment" in row and headers.get("x-tollgate-deployment"):
+        assert row["deployment"] == headers.get("x-tollgate-deployment"), row
+    expected = PRICES.cost(row) if PRICES is not None else None
+    if expected is not None:
+        assert row["cost"] == expected, f"cost {row['cost']} != price book {expected}: {row}"
 
 
 def collect(stream: Any) -> list[Any]:
@@ -154,7 +184,7 @@ def test_chat_plain(client: openai.OpenAI, wait_usage) -> None:
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
     row = wait_usage(request_id_of(raw.headers))
-    check_row_tokens(row, usage, streamed=False)
+    check_row_tokens(row, usage, streamed=False, headers=raw.headers)
     assert row["tenant_id"] == "demo", row
     assert row["cost"] == cost, f"x-tollgate-cost {cost} != usage.cost {row['cost']}"
     assert cost > 0, "the demo price book prices mock-gpt"
@@ -167,7 +197,7 @@ def test_chat_plain_max_tokens(client: openai.OpenAI, wait_usage) -> None:
     completion = raw.parse()
     assert completion.usage is not None and completion.usage.completion_tokens == 3
     row = wait_usage(request_id_of(raw.headers))
-    check_row_tokens(row, completion.usage, streamed=False)
+    check_row_tokens(row, completion.usage, streamed=False, headers=raw.headers)
     assert row["cost"] == check_plain_headers(raw.headers)
 
 
@@ -212,11 +242,13 @@ def test_chat_cache_and_reasoning_tokens(
     completion = raw.parse()
     usage = completion.usage
     assert usage is not None
-    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 7
+    assert (
+        usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 7
+    )
     assert usage.completion_tokens_details is not None
     assert usage.completion_tokens_details.reasoning_tokens == 5
     row = wait_usage(request_id_of(raw.headers))
-    check_row_tokens(row, usage, streamed=False)
+    check_row_tokens(row, usage, streamed=False, headers=raw.headers)
     assert row["cache_read_tokens"] == 7 and row["input_tokens"] == usage.prompt_tokens - 7, row
     assert row["reasoning_tokens"] == 5, row
     assert row["cost"] == check_plain_headers(raw.headers)
@@ -246,7 +278,7 @@ def test_chat_stream_without_include_usage(client: openai.OpenAI, wait_usage) ->
 
     # The mock is deterministic: the stream's upstream usage equals the plain reply's.
     row = wait_usage(request_id)
-    check_row_tokens(row, reference.usage, streamed=True)
+    check_row_tokens(row, reference.usage, streamed=True, headers=raw.headers)
     assert row["cost"] > 0, row
 
 
@@ -270,13 +302,11 @@ def test_chat_stream_with_include_usage(client: openai.OpenAI, wait_usage) -> No
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
     row = wait_usage(request_id)
-    check_row_tokens(row, usage, streamed=True)
+    check_row_tokens(row, usage, streamed=True, headers=raw.headers)
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
-def test_chat_stream_wire_format(
-    http: httpx.Client, demo_key: str, include_usage: bool
-) -> None:
+def test_chat_stream_wire_format(http: httpx.Client, demo_key: str, include_usage: bool) -> None:
     """OpenAI's exact SSE framing: `data:` lines only, JSON chunks, then `data: [DONE]`; with
     include_usage the last chunk before [DONE] has `choices: []` and usage."""
     body: dict[str, Any] = {"model": CHAT_MODEL, "messages": MESSAGES, "stream": True}
@@ -297,7 +327,6 @@ def test_chat_stream_wire_format(
         data.append(line[len("data: ") :])
     assert data and data[-1] == "[DONE]", data[-3:]
     assert data.count("[DONE]") == 1
-    import json
 
     chunks = [json.loads(d) for d in data[:-1]]
     usage_chunks = [c for c in chunks if c.get("usage")]
@@ -326,7 +355,7 @@ def test_completions_plain(client: openai.OpenAI, wait_usage) -> None:
     usage = completion.usage
     assert usage is not None and usage.prompt_tokens > 0 and usage.completion_tokens == 7
     row = wait_usage(request_id_of(raw.headers))
-    check_row_tokens(row, usage, streamed=False)
+    check_row_tokens(row, usage, streamed=False, headers=raw.headers)
     assert row["cost"] == cost
 
 
@@ -356,11 +385,27 @@ def test_completions_stream(client: openai.OpenAI, wait_usage, include_usage: bo
         assert row["output_tokens"] == 7, row
 
 
+# ---------------------------------------------------------------- errors: routes
+
+
+def test_404_unknown_route(http: httpx.Client, demo_key: str) -> None:
+    r = http.get("/v1/no-such-route", headers={"authorization": f"Bearer {demo_key}"})
+    check_error_response(r, 404)
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models")])
+def test_405_wrong_method(http: httpx.Client, demo_key: str, method: str, path: str) -> None:
+    """Bad input gets an error in OpenAI's shape with a request id, whatever the route."""
+    r = http.request(method, path, headers={"authorization": f"Bearer {demo_key}"})
+    check_error_response(r, 405)
+
+
 # ---------------------------------------------------------------- errors: 401
 
 
 @pytest.mark.parametrize(
-    "method,path", [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")]
+    "method,path",
+    [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")],
 )
 def test_401_missing_key(http: httpx.Client, method: str, path: str) -> None:
     body = {"model": CHAT_MODEL, "messages": MESSAGES, "prompt": "x"} if method == "POST" else None
@@ -368,11 +413,14 @@ def test_401_missing_key(http: httpx.Client, method: str, path: str) -> None:
     check_error_response(r, 401)
 
 
-def test_401_empty_bearer(http: httpx.Client) -> None:
+@pytest.mark.parametrize(
+    "authorization", ["Bearer", "Bearer tg_test_", "Basic dXNlcjpwYXNz", "tg_test_no_scheme"]
+)
+def test_401_malformed_authorization(http: httpx.Client, authorization: str) -> None:
     r = http.post(
         "/v1/chat/completions",
         json={"model": CHAT_MODEL, "messages": MESSAGES},
-        headers={"authorization": "Bearer "},
+        headers={"authorization": authorization},
     )
     check_error_response(r, 401)
 
@@ -401,6 +449,43 @@ def test_401_bad_keys(kind: str, make_key, client_for) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True)
     error_of(info.value)
+
+
+@pytest.mark.parametrize("change", ["revoked", "disabled"])
+def test_key_change_takes_effect_within_seconds(change: str, make_key, client_for) -> None:
+    """Keys are cached, but the gateway watches the bucket: a key used a moment ago and then
+    revoked or disabled is refused within seconds (bounded here at 10 s)."""
+    key = make_key(name="soon changed")
+    c = client_for(key)
+    assert c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1).choices
+    make_key(secret=str(key), tenant=key.tenant, key_id=key.key_id, **{change: True})
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1)
+        except openai.AuthenticationError as exc:
+            error_of(exc)
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"key still accepted 10 s after being {change}")
+        time.sleep(0.25)
+
+
+def test_key_models_change_takes_effect_within_seconds(make_key, client_for) -> None:
+    key = make_key()
+    c = client_for(key)
+    assert c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1).choices
+    make_key(secret=str(key), tenant=key.tenant, key_id=key.key_id, models=["mock-embed"])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1)
+        except openai.PermissionDeniedError as exc:
+            error_of(exc)
+            return
+        if time.monotonic() > deadline:
+            pytest.fail("mock-gpt still allowed 10 s after the key's models became [mock-embed]")
+        time.sleep(0.25)
 
 
 def test_key_expiring_later_works(make_key, client_for) -> None:
@@ -439,7 +524,9 @@ def test_404_unknown_model(restricted: bool, client: openai.OpenAI, make_key, cl
     c = client_for(make_key(models=["mock-gpt"])) if restricted else client
     for call in (
         lambda: c.chat.completions.create(model="no-such-model-xyz", messages=MESSAGES),
-        lambda: c.chat.completions.create(model="no-such-model-xyz", messages=MESSAGES, stream=True),
+        lambda: c.chat.completions.create(
+            model="no-such-model-xyz", messages=MESSAGES, stream=True
+        ),
         lambda: c.completions.create(model="no-such-model-xyz", prompt="hi"),
     ):
         with pytest.raises(openai.NotFoundError) as info:
@@ -481,7 +568,15 @@ def test_400_missing_model(client: openai.OpenAI) -> None:
         b'{"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}',
         b'{"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}',
     ],
-    ids=["truncated", "not-json", "empty", "array", "model-number", "stream-string", "max-tokens-string"],
+    ids=[
+        "truncated",
+        "not-json",
+        "empty",
+        "array",
+        "model-number",
+        "stream-string",
+        "max-tokens-string",
+    ],
 )
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_400_malformed_bodies(http: httpx.Client, demo_key: str, path: str, body: bytes) -> None:
@@ -585,6 +680,29 @@ def test_429_concurrency(make_key, client_for, mock_headers_forwarded: bool) -> 
             time.sleep(0.2)
 
 
+def test_concurrency_slot_released_after_errors(
+    make_key, client_for, failing_model: str | None
+) -> None:
+    """Refused, failed and streamed requests all give their concurrency slot back."""
+    c = client_for(make_key(max_concurrency=1))
+    failing: list[Any] = [
+        lambda: c.chat.completions.create(model="no-such-model-xyz", messages=MESSAGES),
+        lambda: c.chat.completions.create(model=CHAT_MODEL, messages="x"),  # type: ignore[arg-type]
+    ]
+    if failing_model is not None:
+        failing.append(lambda: c.chat.completions.create(model=failing_model, messages=MESSAGES))
+        failing.append(
+            lambda: c.chat.completions.create(model=failing_model, messages=MESSAGES, stream=True)
+        )
+    for call in failing * 2:
+        with pytest.raises(openai.APIStatusError) as info:
+            call()
+        assert info.value.status_code != 429, f"slot leaked: {info.value.response.text[:300]}"
+    for _ in range(3):
+        collect(c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True))
+        assert c.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1).choices
+
+
 # ---------------------------------------------------------------- errors: upstream failures
 
 
@@ -625,7 +743,10 @@ def test_50_concurrent_streams(stack: Stack, wait_usage) -> None:
 
     async def run() -> list[tuple[str, Any, str]]:
         async with openai.AsyncOpenAI(
-            base_url=stack.openai_base_url, api_key=stack.demo_key, max_retries=0, timeout=HTTP_TIMEOUT
+            base_url=stack.openai_base_url,
+            api_key=stack.demo_key,
+            max_retries=0,
+            timeout=HTTP_TIMEOUT,
         ) as c:
             return await asyncio.wait_for(asyncio.gather(*(one(c, i) for i in range(50))), 45)
 
@@ -669,34 +790,204 @@ def test_client_disconnect_mid_stream_is_estimated(
     assert row["streamed"] == 1, row
     assert 0 < row["output_tokens"] < 2000, row
     assert row["input_tokens"] > 0, row
+    expected = PRICES.cost(row) if PRICES is not None else None
+    assert expected is None or row["cost"] == expected, (row, expected)
     # The usage came from the disconnect, not from the upstream running to its end (~10 s).
     assert time.monotonic() - started < 9, "usage row appeared only after the upstream finished"
 
 
-# ---------------------------------------------------------------- upstream failure by header
-# Last in the file: it makes the shared mock-gpt deployment fail, which may trip its breaker.
+# ---------------------------------------------------------------- upstream cut mid-stream
+
+
+def _cut_stream(client: openai.OpenAI) -> tuple[str, list[Any], BaseException | None]:
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-mock-cut-after": "3"},
+    )
+    request_id = request_id_of(raw.headers)
+    chunks: list[Any] = []
+    error: BaseException | None = None
+    try:
+        for chunk in raw.parse():
+            chunks.append(chunk)
+            assert len(chunks) <= MAX_CHUNKS
+    except Exception as exc:  # noqa: BLE001 - any error the SDK or httpx raises tells the client
+        error = exc
+    return request_id, chunks, error
 
 
 @pytest.mark.needs_mock_headers
-def test_upstream_failure_by_header(client: openai.OpenAI, mock_headers_forwarded: bool) -> None:
+def test_upstream_cut_mid_stream_is_estimated(
+    client: openai.OpenAI, wait_usage, mock_headers_forwarded: bool
+) -> None:
+    if not mock_headers_forwarded:
+        pytest.skip("the gateway does not forward x-mock-cut-after to the mock upstream")
+    request_id, chunks, _ = _cut_stream(client)
+    chunk_text = chat_text(chunks)
+    assert chunk_text, "no text before the cut"
+    assert all(c.usage is None for c in chunks), "usage although the upstream never sent it"
+    row = wait_usage(request_id)
+    assert row["estimated"] == 1 and row["streamed"] == 1, row
+    assert row["output_tokens"] > 0 and row["input_tokens"] > 0, (row, chunk_text)
+    expected = PRICES.cost(row) if PRICES is not None else None
+    assert expected is None or row["cost"] == expected, (row, expected)
+
+
+@pytest.mark.needs_mock_headers
+def test_upstream_cut_mid_stream_is_visible_to_the_client(
+    client: openai.OpenAI, mock_headers_forwarded: bool
+) -> None:
+    """OpenAI's SDK raises on an `error` event or a broken connection; a stream that simply stops
+    before `[DONE]` reads as a complete (shorter) answer."""
+    if not mock_headers_forwarded:
+        pytest.skip("the gateway does not forward x-mock-cut-after to the mock upstream")
+    _, chunks, error = _cut_stream(client)
+    assert error is not None, f"truncated stream ended without an error after {len(chunks)} chunks"
+
+
+# ---------------------------------------------------------------- tool calls
+
+
+@pytest.mark.needs_mock_headers
+def test_tool_call_plain_and_streamed(
+    client: openai.OpenAI, wait_usage, mock_headers_forwarded: bool
+) -> None:
+    if not mock_headers_forwarded:
+        pytest.skip("the gateway does not forward x-mock-tool-call to the mock upstream")
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+            },
+        }
+    ]
+    headers = {"x-mock-tool-call": "get_weather"}
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=MESSAGES, tools=tools, extra_headers=headers
+    )
+    completion = raw.parse()
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls
+    assert calls and calls[0].function.name == "get_weather", choice
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
+    check_row_tokens(wait_usage(request_id_of(raw.headers)), completion.usage, streamed=False)
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        tools=tools,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers,
+    )
+    chunks = collect(raw.parse())
+    name = "".join(
+        (tc.function.name or "")
+        for c in chunks
+        for ch in c.choices
+        for tc in (ch.delta.tool_calls or [])
+        if tc.function
+    )
+    arguments = "".join(
+        (tc.function.arguments or "")
+        for c in chunks
+        for ch in c.choices
+        for tc in (ch.delta.tool_calls or [])
+        if tc.function
+    )
+    assert name == "get_weather"
+    assert isinstance(json.loads(arguments), dict), arguments
+    finish = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finish == ["tool_calls"], finish
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    check_row_tokens(
+        wait_usage(request_id_of(raw.headers)), chunks[-1].usage, streamed=True, headers=raw.headers
+    )
+
+
+# ---------------------------------------------------------------- upstream failures by header
+# Last in the file: they make the shared mock-gpt deployment fail, which may open its circuit
+# breaker; `healthy_after` waits (bounded) until mock-gpt serves again.
+
+
+@pytest.fixture
+def healthy_after(client: openai.OpenAI) -> Any:
+    yield
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1)
+            return
+        except (openai.InternalServerError, openai.RateLimitError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _fail_upstream(client: openai.OpenAI, status: int, stream: bool = False) -> Any:
+    return client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        stream=stream,
+        extra_headers={"x-mock-fail": str(status)},
+    )
+
+
+@pytest.mark.needs_mock_headers
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_upstream_5xx_by_header(
+    client: openai.OpenAI, mock_headers_forwarded: bool, healthy_after: None, status: int
+) -> None:
     if not mock_headers_forwarded:
         pytest.skip("the gateway does not forward x-mock-fail to the mock upstream")
-    try:
-        for status in (503, 500):
-            with pytest.raises(openai.InternalServerError) as info:
-                client.chat.completions.create(
-                    model=CHAT_MODEL, messages=MESSAGES, extra_headers={"x-mock-fail": str(status)}
-                )
-            assert info.value.status_code in (502, 503, 504), (status, info.value)
-            error_of(info.value)
-    finally:
-        # Leave mock-gpt healthy for whatever runs next (its breaker may have opened).
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, max_tokens=1)
-                break
-            except openai.InternalServerError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as info:
+            _fail_upstream(client, status, stream)
+        assert info.value.status_code in (502, 503, 504), (status, info.value)
+        error_of(info.value)
+
+
+@pytest.mark.needs_mock_headers
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_upstream_auth_and_not_found_are_not_blamed_on_the_client(
+    client: openai.OpenAI, mock_headers_forwarded: bool, healthy_after: None, status: int
+) -> None:
+    """The client's key and model were accepted; an upstream 401/403/404 means the gateway's own
+    provider credentials or upstream model name are wrong. Relaying it would make the SDK raise
+    AuthenticationError / PermissionDeniedError / NotFoundError about a key and model that are
+    fine: it is an upstream failure (502/503/504)."""
+    if not mock_headers_forwarded:
+        pytest.skip("the gateway does not forward x-mock-fail to the mock upstream")
+    with pytest.raises(openai.APIStatusError) as info:
+        _fail_upstream(client, status)
+    assert info.value.status_code in (502, 503, 504), (
+        f"upstream {status} reached the client as {info.value.status_code}: "
+        f"{info.value.response.text[:300]}"
+    )
+    error_of(info.value)
+
+
+@pytest.mark.needs_mock_headers
+def test_upstream_429_carries_retry_after(
+    client: openai.OpenAI, mock_headers_forwarded: bool, healthy_after: None
+) -> None:
+    """An upstream that rate-limits (after failover) reaches the client as a 429 with
+    Retry-After, as every 429 does, or as an upstream failure (502/503/504)."""
+    if not mock_headers_forwarded:
+        pytest.skip("the gateway does not forward x-mock-fail to the mock upstream")
+    with pytest.raises(openai.APIStatusError) as info:
+        _fail_upstream(client, 429)
+    error_of(info.value)
+    if info.value.status_code == 429:
+        headers = info.value.response.headers
+        assert headers.get("retry-after"), f"429 without Retry-After: {dict(headers)}"
+    else:
+        assert info.value.status_code in (502, 503, 504), info.value

@@ -94,6 +94,29 @@ provider = "openai"
 base_url = "{mock_url}/v1"
 upstream_model = "mock-gpt-4o-mini"
 forward_headers = ["x-mock-"]
+[prices.models.mock-claude]
+input_per_million = "3.00"
+output_per_million = "15.00"
+cache_read_per_million = "0.30"
+cache_write_per_million = "3.75"
+[prices.models.mock-embed]
+input_per_million = "0.02"
+output_per_million = "0"
+[[models]]
+name = "mock-claude"
+[[models.deployments]]
+name = "mock-anthropic"
+provider = "anthropic"
+base_url = "{mock_url}"
+upstream_model = "mock-claude-sonnet"
+forward_headers = ["x-mock-", "anthropic-beta"]
+[[models]]
+name = "mock-embed"
+[[models.deployments]]
+name = "mock-embeddings"
+provider = "openai"
+base_url = "{mock_url}/v1"
+upstream_model = "mock-embedding-small"
 [[models]]
 name = "mock-broken"
 [[models.deployments]]

@@ -247,7 +247,7 @@ async fn models_lists_only_what_the_key_may_use() {
     let f = fixture("").await;
     let all: Value = f.http.get(format!("{}/v1/models", f.gw.url())).bearer_auth(&f.secret).send().await.unwrap().json().await.unwrap();
     let ids: Vec<&str> = all["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec!["mock-gpt", "mock-broken"]);
+    assert_eq!(ids, vec!["mock-gpt", "mock-claude", "mock-embed", "mock-broken"]);
     let restricted = format!("tg_m_{}", uuid::Uuid::now_v7().simple());
     let mut k = stack::key("acme", "mlist");
     k.models = Some(vec!["mock-gpt".into()]);

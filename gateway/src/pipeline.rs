@@ -1,0 +1,722 @@
+//! The request pipeline every model route shares.
+//!
+//! authenticate → read and validate the body → resolve the model (404
+//! unknown, 403 not allowed) → limits → upstream with failover (translating
+//! the request when the deployment speaks the other format) → relay, plain or
+//! SSE (translating back) → a usage event with the exact cost. Every request,
+//! refused or not, also produces a request event. One pipeline, whatever the
+//! client's format or the upstream's: usage is always read from what the
+//! upstream reported, in its own format, before any translation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use futures::stream::BoxStream;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+use tollgate_schemas::events::{ApiFormat, Event, EventMeta, RequestEvent, TokenCounts, UsageEvent};
+use tollgate_schemas::records::KeyRecord;
+
+use crate::app::{App, RequestId};
+use crate::auth::presented_secret;
+use crate::config::ProviderKind;
+use crate::error::{ApiStyle, GatewayError};
+use crate::limits::{Limiter, Permit};
+use crate::routing::Deployment;
+use crate::sse::{OpenAiRelay, OpenAiUsage, SseEvent, SseFramer};
+use crate::translate::{self, StreamTranslator};
+use crate::{events, proxy, tokens};
+
+/// The API a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Chat,
+    Completions,
+    Embeddings,
+    Messages,
+}
+
+impl Surface {
+    pub fn style(self) -> ApiStyle {
+        match self {
+            Surface::Messages => ApiStyle::Anthropic,
+            _ => ApiStyle::OpenAi,
+        }
+    }
+
+    pub fn api(self) -> ApiFormat {
+        match self {
+            Surface::Chat => ApiFormat::OpenaiChat,
+            Surface::Completions => ApiFormat::OpenaiCompletions,
+            Surface::Embeddings => ApiFormat::OpenaiEmbeddings,
+            Surface::Messages => ApiFormat::AnthropicMessages,
+        }
+    }
+
+    pub fn route(self) -> &'static str {
+        match self {
+            Surface::Chat => "/v1/chat/completions",
+            Surface::Completions => "/v1/completions",
+            Surface::Embeddings => "/v1/embeddings",
+            Surface::Messages => "/v1/messages",
+        }
+    }
+
+    /// The client's format, as the provider kind that speaks it natively.
+    fn native(self) -> ProviderKind {
+        match self {
+            Surface::Messages => ProviderKind::Anthropic,
+            _ => ProviderKind::Openai,
+        }
+    }
+
+    /// The upstream path on a deployment of `provider`.
+    fn upstream_path(self, provider: ProviderKind) -> &'static str {
+        match (provider, self) {
+            (ProviderKind::Anthropic, _) => "/v1/messages",
+            (ProviderKind::Openai, Surface::Chat | Surface::Messages) => "/chat/completions",
+            (ProviderKind::Openai, Surface::Completions) => "/completions",
+            (ProviderKind::Openai, Surface::Embeddings) => "/embeddings",
+        }
+    }
+}
+
+/// What one request has learned so far, for its request event.
+struct Ctx {
+    app: App,
+    rid: RequestId,
+    surface: Surface,
+    started: Instant,
+    traceparent: String,
+    key: Option<Arc<KeyRecord>>,
+    model: Option<String>,
+    streamed: bool,
+    deployment: Option<String>,
+}
+
+/// Runs one model request through the pipeline.
+pub async fn handle(app: App, rid: RequestId, headers: HeaderMap, body: Body, surface: Surface) -> Response {
+    let mut ctx = Ctx {
+        traceparent: events::traceparent(&headers),
+        app,
+        rid,
+        surface,
+        started: Instant::now(),
+        key: None,
+        model: None,
+        streamed: false,
+        deployment: None,
+    };
+    let style = surface.style();
+    let (resp, error_type) = match serve(&mut ctx, &headers, body).await {
+        Ok(resp) => (resp, None),
+        Err(e) => {
+            let ty = e.type_name(style);
+            (e.into_response_for(style), Some(ty))
+        }
+    };
+    let status = resp.status().as_u16();
+    let (tenant, key_id) = ctx
+        .key
+        .as_ref()
+        .map(|k| (k.tenant_id.clone(), k.key_id.clone()))
+        .unwrap_or_else(|| (events::UNAUTHENTICATED.to_owned(), String::new()));
+    record_request(
+        &ctx.app,
+        &ctx.traceparent,
+        RequestEvent {
+            meta: EventMeta::new(tenant, key_id, ctx.rid.0.as_ref()),
+            api: surface.api(),
+            method: "POST".into(),
+            route: surface.route().into(),
+            model: ctx.model.clone(),
+            status,
+            error_type: error_type.map(str::to_owned).or_else(|| (status >= 400).then(|| "upstream_error".to_owned())),
+            streamed: ctx.streamed,
+            latency_ms: ctx.started.elapsed().as_millis() as u64,
+            deployment: ctx.deployment.clone(),
+        },
+    );
+    resp
+}
+
+/// Publishes a request event and counts it.
+pub fn record_request(app: &App, traceparent: &str, event: RequestEvent) {
+    metrics::counter!(
+        "tollgate_gateway_requests_total",
+        "route" => event.route.clone(),
+        "model" => event.model.clone().filter(|m| app.router.contains(m)).unwrap_or_else(|| "_other".into()),
+        "status" => event.status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("tollgate_gateway_request_duration_seconds", "route" => event.route.clone())
+        .record(event.latency_ms as f64 / 1000.0);
+    events::emit(app, &Event::Request(event), traceparent);
+}
+
+/// Reads the body within the size limit.
+pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, GatewayError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(GatewayError::PayloadTooLarge(max));
+    }
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        if e.to_string().contains("length limit") {
+            GatewayError::PayloadTooLarge(max)
+        } else {
+            GatewayError::bad_request(format!("could not read the request body: {e}"), None)
+        }
+    })
+}
+
+/// Parses a JSON object body.
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, GatewayError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(GatewayError::bad_request("the request body must be a JSON object", None)),
+        Err(e) => Err(GatewayError::bad_request(format!("We could not parse the JSON body of your request. ({e})"), None)),
+    }
+}
+
+/// Authenticates (401 when missing or unusable).
+pub async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Arc<KeyRecord>, GatewayError> {
+    let secret = presented_secret(headers).ok_or(GatewayError::MissingKey)?;
+    app.keys.authenticate(secret).await
+}
+
+/// 404 for a model no deployment serves (whatever the key's allow-list),
+/// 403 for one the key may not use.
+pub fn resolve_model(app: &App, key: &KeyRecord, model: &str) -> Result<(), GatewayError> {
+    if !app.router.contains(model) {
+        return Err(GatewayError::ModelNotFound(model.to_owned()));
+    }
+    if key.models.as_ref().is_some_and(|allowed| !allowed.iter().any(|m| m == model)) {
+        return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+    }
+    Ok(())
+}
+
+/// The model name of a request body (400 when missing).
+pub fn model_of(req: &Map<String, Value>) -> Result<String, GatewayError> {
+    match req.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
+        _ => Err(GatewayError::bad_request("you must provide a model parameter", Some("model"))),
+    }
+}
+
+fn bad(message: impl Into<String>, param: &'static str) -> GatewayError {
+    GatewayError::bad_request(message, Some(param))
+}
+
+/// Checks what the gateway itself relies on; the upstream checks the rest.
+/// Returns whether the request streams.
+fn validate(surface: Surface, req: &Map<String, Value>) -> Result<bool, GatewayError> {
+    match surface {
+        Surface::Chat | Surface::Messages => match req.get("messages") {
+            Some(Value::Array(a)) if !a.is_empty() => {
+                if a.iter().any(|m| !m.is_object()) {
+                    return Err(bad("each message must be an object", "messages"));
+                }
+            }
+            Some(Value::Array(_)) => return Err(bad("'messages' must contain at least one message", "messages")),
+            Some(_) => return Err(bad("'messages' must be an array", "messages")),
+            None => return Err(bad("you must provide 'messages'", "messages")),
+        },
+        Surface::Completions => match req.get("prompt") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            Some(_) => return Err(bad("'prompt' must be a string or an array", "prompt")),
+            None => return Err(bad("you must provide 'prompt'", "prompt")),
+        },
+        Surface::Embeddings => match req.get("input") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            Some(_) => return Err(bad("'input' must be a string or an array", "input")),
+            None => return Err(bad("you must provide 'input'", "input")),
+        },
+    }
+    if surface == Surface::Messages && !req.get("max_tokens").is_some_and(Value::is_u64) {
+        return Err(bad("max_tokens: Field required (a positive integer)", "max_tokens"));
+    }
+    for field in ["max_tokens", "max_completion_tokens", "n"] {
+        if req.get(field).is_some_and(|v| !(v.is_null() || v.is_u64())) {
+            return Err(bad(format!("'{field}' must be a non-negative integer"), "max_tokens"));
+        }
+    }
+    if req.get("temperature").is_some_and(|t| !(t.is_null() || t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t)))) {
+        return Err(bad("'temperature' must be a number between 0 and 2", "temperature"));
+    }
+    let stream = match req.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("'stream' must be a boolean", "stream")),
+    };
+    if stream && surface == Surface::Embeddings {
+        return Err(bad("embeddings do not stream", "stream"));
+    }
+    match req.get("stream_options") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            if !stream {
+                return Err(bad("'stream_options' is only allowed when 'stream' is true", "stream_options"));
+            }
+            if o.get("include_usage").is_some_and(|v| !v.is_boolean() && !v.is_null()) {
+                return Err(bad("'include_usage' must be a boolean", "stream_options"));
+            }
+        }
+        Some(_) => return Err(bad("'stream_options' must be an object", "stream_options")),
+    }
+    Ok(stream)
+}
+
+/// The per-request limiters and their permits, held until the response ends.
+struct Admission {
+    limiters: Vec<Arc<Limiter>>,
+    _permits: Vec<Permit>,
+    estimate: u64,
+}
+
+impl Admission {
+    fn settle(&self, actual: u64) {
+        for l in &self.limiters {
+            l.settle_tokens(self.estimate, actual);
+        }
+    }
+}
+
+fn admit(app: &App, key: &KeyRecord, req: &Map<String, Value>) -> Result<(Admission, HeaderMap), GatewayError> {
+    let mut limiters = Vec::new();
+    if !app.limits.global.is_unlimited() {
+        limiters.push(app.limits.global.clone());
+    }
+    if let Some(l) = app.limits.for_key(key) {
+        limiters.push(l);
+    }
+    let estimate = if limiters.iter().any(|l| l.has_tpm()) { tokens::estimate_request_input(req) } else { 0 };
+    let mut permits = Vec::with_capacity(limiters.len());
+    for l in &limiters {
+        permits.push(l.admit(estimate)?);
+    }
+    let headers = limiters.last().map(|l| l.headers()).unwrap_or_default();
+    Ok((Admission { limiters, _permits: permits, estimate }, headers))
+}
+
+/// The request in each wire format a deployment of the plan needs.
+struct Bodies {
+    openai: Option<Map<String, Value>>,
+    anthropic: Option<Map<String, Value>>,
+}
+
+fn bodies(surface: Surface, req: &Map<String, Value>, plan: &[Arc<Deployment>], stream: bool) -> Result<Bodies, GatewayError> {
+    let needs = |p: ProviderKind| plan.iter().any(|d| d.provider == p);
+    let invalid = |e: translate::TranslateError| match e {
+        translate::TranslateError::Invalid { message, param } => GatewayError::BadRequest { message, param },
+    };
+    let openai = if !needs(ProviderKind::Openai) {
+        None
+    } else if surface.native() == ProviderKind::Openai {
+        let mut m = req.clone();
+        if stream {
+            // Always ask for usage; stripped again if the client did not.
+            let opts = m.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+            match opts {
+                Value::Object(o) => {
+                    o.insert("include_usage".into(), Value::Bool(true));
+                }
+                other => *other = serde_json::json!({"include_usage": true}),
+            }
+        }
+        Some(m)
+    } else {
+        Some(translate::anthropic_request_to_openai_chat(req, "").map_err(invalid)?)
+    };
+    let anthropic = if !needs(ProviderKind::Anthropic) {
+        None
+    } else if surface.native() == ProviderKind::Anthropic {
+        Some(req.clone())
+    } else if surface == Surface::Chat {
+        Some(translate::openai_chat_request_to_anthropic(req, "").map_err(invalid)?)
+    } else {
+        return Err(GatewayError::bad_request(
+            format!("{} is not available for this model: it is served by an Anthropic deployment", surface.route()),
+            None,
+        ));
+    };
+    Ok(Bodies { openai, anthropic })
+}
+
+async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Response, GatewayError> {
+    let app = ctx.app.clone();
+    let key = authenticate(&app, headers).await?;
+    ctx.key = Some(key.clone());
+    let bytes = read_body(headers, body, app.config.max_body_bytes).await?;
+    let req = parse_object(&bytes)?;
+    let model = model_of(&req)?;
+    ctx.model = Some(model.clone());
+    let stream = validate(ctx.surface, &req)?;
+    ctx.streamed = stream;
+    resolve_model(&app, &key, &model)?;
+    if app.publisher.spool_full() {
+        return Err(GatewayError::Unavailable("the event spool is full"));
+    }
+    let (admission, limit_headers) = admit(&app, &key, &req)?;
+    let client_wants_usage = stream
+        && req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+
+    let plan = app.router.plan(&model);
+    let bodies = bodies(ctx.surface, &req, &plan, stream)?;
+    let forward = forwarded_headers(headers, &plan);
+    let anthropic_version =
+        headers.get("anthropic-version").and_then(|v| v.to_str().ok()).unwrap_or("2023-06-01").to_owned();
+    let body_for = |d: &Deployment| -> Bytes {
+        let base = match d.provider {
+            ProviderKind::Openai => bodies.openai.as_ref(),
+            ProviderKind::Anthropic => bodies.anthropic.as_ref(),
+        };
+        let mut m = base.cloned().unwrap_or_default();
+        m.insert("model".into(), Value::String(d.upstream_model.clone()));
+        Bytes::from(serde_json::to_vec(&m).unwrap_or_default())
+    };
+    let surface = ctx.surface;
+    let path_for = move |d: &Deployment| surface.upstream_path(d.provider);
+    let timeouts = &app.config.timeouts;
+    let deadline = ctx.started + Duration::from_millis(timeouts.total_ms);
+    let upstream = proxy::send(
+        &plan,
+        &proxy::Outbound { path: &path_for, body: &body_for, forward: &forward, anthropic_version: &anthropic_version },
+        Duration::from_millis(timeouts.attempt_ms),
+        deadline,
+    )
+    .await?;
+    ctx.deployment = Some(upstream.deployment.name.clone());
+    let done = Finish {
+        app: app.clone(),
+        rid: ctx.rid.clone(),
+        key,
+        surface: ctx.surface,
+        model,
+        deployment: upstream.deployment.clone(),
+        retries: upstream.retries,
+        started: ctx.started,
+        traceparent: ctx.traceparent.clone(),
+        request: Arc::new(req),
+        admission,
+    };
+    if stream && upstream.response.status().is_success() {
+        Ok(stream_response(done, upstream.response, client_wants_usage, limit_headers))
+    } else {
+        plain_response(done, upstream.response, limit_headers).await
+    }
+}
+
+/// Client headers that some deployment of the plan passes through.
+fn forwarded_headers(headers: &HeaderMap, plan: &[Arc<Deployment>]) -> Vec<(String, String)> {
+    if plan.iter().all(|d| d.forward_headers.is_empty()) {
+        return Vec::new();
+    }
+    headers
+        .iter()
+        .filter(|(k, _)| plan.iter().any(|d| d.forwards(k.as_str())))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// Everything needed to record a request's usage once it is known.
+struct Finish {
+    app: App,
+    rid: RequestId,
+    key: Arc<KeyRecord>,
+    surface: Surface,
+    model: String,
+    deployment: Arc<Deployment>,
+    retries: u32,
+    started: Instant,
+    traceparent: String,
+    request: Arc<Map<String, Value>>,
+    admission: Admission,
+}
+
+impl Finish {
+    /// Prices `tokens`, publishes the usage event, returns the cost.
+    fn record(
+        &self,
+        tokens: TokenCounts,
+        estimated: bool,
+        status: u16,
+        streamed: bool,
+        served: Option<String>,
+        ttft: Option<Duration>,
+    ) -> rust_decimal::Decimal {
+        let book = self.app.price_book();
+        let cost = book.cost(&self.model, &tokens);
+        self.admission.settle(tokens.total());
+        let event = Event::Usage(UsageEvent {
+            meta: EventMeta::new(self.key.tenant_id.clone(), self.key.key_id.clone(), self.rid.0.as_ref()),
+            api: self.surface.api(),
+            requested_model: self.model.clone(),
+            model: served.unwrap_or_else(|| self.deployment.upstream_model.clone()),
+            provider: self.deployment.provider.as_str().into(),
+            deployment: self.deployment.name.clone(),
+            tokens,
+            estimated,
+            status,
+            streamed,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            ttft_ms: ttft.map(|d| d.as_millis() as u64),
+            retries: self.retries,
+            price_version: book.version,
+            cost,
+        });
+        events::emit(&self.app, &event, &self.traceparent);
+        for (kind, n) in [
+            ("input", tokens.input_tokens),
+            ("output", tokens.output_tokens),
+            ("cache_read", tokens.cache_read_tokens),
+            ("cache_write", tokens.cache_write_tokens),
+        ] {
+            if n > 0 {
+                metrics::counter!("tollgate_gateway_tokens_total", "model" => self.model.clone(), "kind" => kind).increment(n);
+            }
+        }
+        cost
+    }
+
+    /// The tokenizer's estimate when the upstream reported nothing.
+    fn estimate(&self, output_text: &str) -> TokenCounts {
+        TokenCounts {
+            input_tokens: tokens::estimate_request_input(&self.request),
+            output_tokens: tokens::count(output_text),
+            ..TokenCounts::default()
+        }
+    }
+
+    fn common_headers(&self, h: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_str(&self.deployment.name) {
+            h.insert("x-tollgate-deployment", v);
+        }
+        h.insert("x-tollgate-retries", HeaderValue::from(self.retries));
+    }
+
+    fn translated(&self) -> bool {
+        self.surface.native() != self.deployment.provider
+    }
+}
+
+/// Usage and served model of a plain upstream body, in the upstream's format.
+fn plain_usage(provider: ProviderKind, body: &Value) -> (Option<TokenCounts>, Option<String>) {
+    let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
+    let usage = match (provider, body.get("usage")) {
+        (_, None | Some(Value::Null)) => None,
+        (ProviderKind::Openai, Some(u)) => serde_json::from_value::<OpenAiUsage>(u.clone()).ok().map(|u| u.tokens()),
+        (ProviderKind::Anthropic, Some(u)) => Some(translate::anthropic_usage_tokens(u)),
+    };
+    (usage, model)
+}
+
+/// Generated text of a plain body in either format, for estimates.
+fn plain_text(body: &Value) -> String {
+    let mut out = String::new();
+    for c in body.get("choices").and_then(Value::as_array).into_iter().flatten() {
+        let msg = c.get("message").and_then(|m| m.get("content")).and_then(Value::as_str);
+        out.push_str(msg.or_else(|| c.get("text").and_then(Value::as_str)).unwrap_or_default());
+    }
+    for b in body.get("content").and_then(Value::as_array).into_iter().flatten() {
+        out.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default());
+    }
+    out
+}
+
+async fn plain_response(done: Finish, resp: reqwest::Response, limit_headers: HeaderMap) -> Result<Response, GatewayError> {
+    let status = resp.status();
+    let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+    let bytes = resp.bytes().await.map_err(|e| GatewayError::Upstream {
+        status: if e.is_timeout() { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY },
+        message: "the upstream response was cut off".into(),
+    })?;
+    let provider = done.deployment.provider;
+    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+    let (tokens, estimated, served) = if status.is_success() {
+        match &parsed {
+            Some(v) => match plain_usage(provider, v) {
+                (Some(t), model) => (t, false, model),
+                (None, model) => (done.estimate(&plain_text(v)), true, model),
+            },
+            None => (done.estimate(""), true, None),
+        }
+    } else {
+        (TokenCounts::default(), false, None)
+    };
+    // What the client gets: the upstream's bytes, or their translation.
+    let client_body = if !done.translated() {
+        bytes
+    } else {
+        let translated = match (status.is_success(), provider, &parsed) {
+            (true, ProviderKind::Openai, Some(v)) => translate::openai_chat_response_to_anthropic(v, &done.model).ok(),
+            (true, ProviderKind::Anthropic, Some(v)) => translate::anthropic_response_to_openai_chat(v, &done.model).ok(),
+            (false, ProviderKind::Openai, _) => Some(translate::openai_error_to_anthropic(&bytes, status.as_u16())),
+            (false, ProviderKind::Anthropic, _) => Some(translate::anthropic_error_to_openai(&bytes, status.as_u16())),
+            _ => None,
+        };
+        match translated {
+            Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+            None => {
+                done.record(tokens, estimated, 502, false, served, None);
+                return Err(GatewayError::Upstream {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: "the upstream's response could not be translated".into(),
+                });
+            }
+        }
+    };
+    let cost = done.record(tokens, estimated, status.as_u16(), false, served, None);
+    let mut out = Response::builder().status(status);
+    if let Some(h) = out.headers_mut() {
+        h.extend(limit_headers);
+        match content_type {
+            Some(ct) if !done.translated() => {
+                h.insert(header::CONTENT_TYPE, ct);
+            }
+            _ => {
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+        }
+        done.common_headers(h);
+        if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
+            h.insert("x-tollgate-cost", v);
+        }
+    }
+    out.body(Body::from(client_body)).map_err(|e| GatewayError::Internal(e.to_string()))
+}
+
+fn translator(done: &Finish, client_wants_usage: bool) -> Box<dyn StreamTranslator> {
+    match (done.surface.native(), done.deployment.provider) {
+        (ProviderKind::Openai, ProviderKind::Openai) => Box::new(OpenAiRelay::new(client_wants_usage)),
+        (ProviderKind::Anthropic, ProviderKind::Anthropic) => Box::new(translate::AnthropicPassthrough::new()),
+        (ProviderKind::Anthropic, ProviderKind::Openai) => Box::new(translate::OpenAiToAnthropicStream::new(&done.model)),
+        (ProviderKind::Openai, ProviderKind::Anthropic) => {
+            Box::new(translate::AnthropicToOpenAiStream::new(&done.model, client_wants_usage))
+        }
+    }
+}
+
+fn stream_response(done: Finish, resp: reqwest::Response, client_wants_usage: bool, limit_headers: HeaderMap) -> Response {
+    let mut headers = limit_headers;
+    done.common_headers(&mut headers);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let relay = StreamRelay {
+        upstream: Box::pin(resp.bytes_stream()),
+        framer: SseFramer::default(),
+        translator: translator(&done, client_wants_usage),
+        events: Vec::new(),
+        first_token: None,
+        finish: Some(done),
+        ended: false,
+    };
+    (StatusCode::OK, headers, Body::from_stream(relay)).into_response()
+}
+
+/// Relays an upstream SSE stream event by event. Whatever ends it (the
+/// upstream finishing, the upstream cutting off, or the client going away,
+/// which drops this value) records the usage exactly once: the upstream's
+/// figures if it sent them, else the tokenizer's estimate, marked estimated.
+struct StreamRelay {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    framer: SseFramer,
+    translator: Box<dyn StreamTranslator>,
+    events: Vec<SseEvent>,
+    first_token: Option<Duration>,
+    finish: Option<Finish>,
+    ended: bool,
+}
+
+impl StreamRelay {
+    fn finish(&mut self) {
+        let Some(done) = self.finish.take() else { return };
+        let (tokens, estimated) = match self.translator.usage() {
+            Some(t) => (t, false),
+            None => (done.estimate(self.translator.text()), true),
+        };
+        if estimated {
+            metrics::counter!("tollgate_gateway_estimated_usage_total", "route" => done.surface.route()).increment(1);
+        }
+        let served = self.translator.served_model().map(str::to_owned);
+        done.record(tokens, estimated, 200, true, served, self.first_token);
+    }
+}
+
+impl Stream for StreamRelay {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.framer.push(&chunk, &mut this.events);
+                    let mut out = BytesMut::new();
+                    for ev in this.events.drain(..) {
+                        this.translator.on_event(&ev, &mut out);
+                    }
+                    if this.first_token.is_none() && this.translator.saw_content() {
+                        this.first_token = this.finish.as_ref().map(|f| f.started.elapsed());
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out.freeze())));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // Tell the client in its own format, so an SDK raises
+                    // instead of taking a truncated answer for a whole one.
+                    tracing::warn!(error = %e, "upstream stream cut off");
+                    this.ended = true;
+                    let style = this.finish.as_ref().map(|f| f.surface.style());
+                    this.finish();
+                    return Poll::Ready(Some(Ok(stream_error(style))));
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    let mut out = BytesMut::new();
+                    this.translator.finish(&mut out);
+                    this.finish();
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out.freeze())));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+/// The error event a client gets when the upstream cuts a stream off.
+fn stream_error(style: Option<ApiStyle>) -> Bytes {
+    const MESSAGE: &str = "the upstream connection was cut off mid-stream; the response is incomplete";
+    match style {
+        Some(ApiStyle::Anthropic) => {
+            let v = serde_json::json!({"type": "error", "error": {"type": "api_error", "message": MESSAGE}});
+            Bytes::from(format!("event: error\ndata: {v}\n\n"))
+        }
+        _ => {
+            let v = serde_json::json!({"error": {"message": MESSAGE, "type": "api_error", "param": null, "code": "upstream_stream_cut"}});
+            Bytes::from(format!("data: {v}\n\n"))
+        }
+    }
+}
+
+impl Drop for StreamRelay {
+    fn drop(&mut self) {
+        // The client went away mid-stream: its usage still counts.
+        self.finish();
+    }
+}
