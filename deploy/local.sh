@@ -5,6 +5,7 @@
 #   ./deploy/local.sh down     stop everything `up` started
 #   ./deploy/local.sh status   what runs, where
 #   ./deploy/local.sh test     install what is missing and run every test
+#   ./deploy/local.sh bench    gateway overhead vs the direct mock at fixed rates (oha)
 #
 # Everything lives under .local/ (git-ignored) and uses ports of its own
 # (17400 and up), so it never collides with a NATS or ClickHouse already
@@ -239,10 +240,21 @@ cmd_test() {
   TOLLGATE_PROFILE=dev "$ROOT/tests/stack/run.sh"
 }
 
+cmd_bench() {
+  local tools=/var/tmp/tollgate-tools
+  if [ ! -x "$tools/bin/oha" ]; then
+    log "installing oha (load generator) into $tools"
+    cargo install oha --locked --root "$tools" -q
+  fi
+  [ -f "$LOCAL/env" ] || die "run ./deploy/local.sh up first"
+  OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" "${@}"
+}
+
 case "${1:-}" in
   up) cmd_up ;;
+  bench) shift; cmd_bench "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   test) cmd_test ;;
-  *) echo "usage: $0 up|down|status|test" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|test|bench" >&2; exit 2 ;;
 esac

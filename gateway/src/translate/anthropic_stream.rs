@@ -65,7 +65,10 @@ impl AnthropicPassthrough {
             }
             "content_block_delta" => {
                 if let Some(d) = &ev.delta {
-                    for t in [&d.text, &d.partial_json, &d.thinking].into_iter().flatten() {
+                    for t in [&d.text, &d.partial_json, &d.thinking]
+                        .into_iter()
+                        .flatten()
+                    {
                         push_text(&mut self.text, &mut self.saw_content, t);
                     }
                 }
@@ -200,7 +203,13 @@ impl OpenAiToAnthropicStream {
         self.close_block(out);
         let index = self.next_index;
         self.next_index += 1;
-        Self::emit(out, &OutEvent::ContentBlockStart { index, content_block: block });
+        Self::emit(
+            out,
+            &OutEvent::ContentBlockStart {
+                index,
+                content_block: block,
+            },
+        );
         if !self.pinged {
             self.pinged = true;
             Self::emit(out, &OutEvent::Ping);
@@ -221,13 +230,23 @@ impl OpenAiToAnthropicStream {
                 i
             }
         };
-        Self::emit(out, &OutEvent::ContentBlockDelta { index, delta: OutDelta::TextDelta { text: t } });
+        Self::emit(
+            out,
+            &OutEvent::ContentBlockDelta {
+                index,
+                delta: OutDelta::TextDelta { text: t },
+            },
+        );
     }
 
     fn on_tool_call(&mut self, tc: &super::wire::OpenAiToolCallDelta<'_>, out: &mut BytesMut) {
         let key = tc.index.unwrap_or(0);
         let name = tc.function.as_ref().and_then(|f| f.name.as_deref());
-        let args = tc.function.as_ref().and_then(|f| f.arguments.as_deref()).unwrap_or_default();
+        let args = tc
+            .function
+            .as_ref()
+            .and_then(|f| f.arguments.as_deref())
+            .unwrap_or_default();
         let index = match self.tools.iter().find(|(k, _)| *k == key) {
             Some(&(_, index)) => index,
             None => {
@@ -239,7 +258,14 @@ impl OpenAiToAnthropicStream {
                 let name = name.unwrap_or_default();
                 push_text(&mut self.text, &mut self.saw_content, name);
                 self.saw_content = true;
-                let index = self.start_block(OutBlock::ToolUse { id: &id, name, input: EmptyObject {} }, out);
+                let index = self.start_block(
+                    OutBlock::ToolUse {
+                        id: &id,
+                        name,
+                        input: EmptyObject {},
+                    },
+                    out,
+                );
                 self.open = Some(Open::Tool(index));
                 self.tools.push((key, index));
                 index
@@ -247,7 +273,13 @@ impl OpenAiToAnthropicStream {
         };
         if !args.is_empty() {
             push_text(&mut self.text, &mut self.saw_content, args);
-            Self::emit(out, &OutEvent::ContentBlockDelta { index, delta: OutDelta::InputJsonDelta { partial_json: args } });
+            Self::emit(
+                out,
+                &OutEvent::ContentBlockDelta {
+                    index,
+                    delta: OutDelta::InputJsonDelta { partial_json: args },
+                },
+            );
         }
     }
 
@@ -270,7 +302,13 @@ impl OpenAiToAnthropicStream {
         };
         Self::emit(
             out,
-            &OutEvent::MessageDelta { delta: OutStop { stop_reason, stop_sequence: None }, usage },
+            &OutEvent::MessageDelta {
+                delta: OutStop {
+                    stop_reason,
+                    stop_sequence: None,
+                },
+                usage,
+            },
         );
         Self::emit(out, &OutEvent::MessageStop);
     }
@@ -281,8 +319,19 @@ impl OpenAiToAnthropicStream {
             // `error` event and nothing after it.
             self.ensure_started(chunk.id.as_deref(), out);
             self.closed = true;
-            let message = e.message.as_deref().unwrap_or("the upstream failed mid-stream");
-            Self::emit(out, &OutEvent::Error { error: OutError { kind: "api_error", message } });
+            let message = e
+                .message
+                .as_deref()
+                .unwrap_or("the upstream failed mid-stream");
+            Self::emit(
+                out,
+                &OutEvent::Error {
+                    error: OutError {
+                        kind: "api_error",
+                        message,
+                    },
+                },
+            );
             return;
         }
         if self.model.is_none() {
@@ -323,10 +372,10 @@ impl StreamTranslator for OpenAiToAnthropicStream {
         }
         if self.closed {
             // Only a late usage chunk could matter, and it is too late to show.
-            if let Ok(chunk) = serde_json::from_str::<OpenAiChunk<'_>>(&ev.data) {
-                if let Some(u) = chunk.usage {
-                    self.usage = Some(u);
-                }
+            if let Ok(chunk) = serde_json::from_str::<OpenAiChunk<'_>>(&ev.data)
+                && let Some(u) = chunk.usage
+            {
+                self.usage = Some(u);
             }
             return;
         }
@@ -365,11 +414,20 @@ mod tests {
 
     #[test]
     fn passthrough_is_byte_identical_and_reads_usage() {
-        let upstream = fixtures::anthropic_stream(&fixtures::AnthropicSpec::text(&["Hello", " world"]));
+        let upstream =
+            fixtures::anthropic_stream(&fixtures::AnthropicSpec::text(&["Hello", " world"]));
         let (out, t) = run(AnthropicPassthrough::new(), &[upstream.as_bytes()]);
         assert_eq!(out, upstream);
         let u = t.usage().unwrap();
-        assert_eq!((u.input_tokens, u.cache_read_tokens, u.cache_write_tokens, u.output_tokens), (9, 4, 2, 6));
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                u.output_tokens
+            ),
+            (9, 4, 2, 6)
+        );
         assert_eq!(t.text(), "Hello world");
         assert_eq!(t.served_model(), Some("claude-served"));
         assert!(t.saw_content());
@@ -393,18 +451,28 @@ mod tests {
         let cut = &upstream[..upstream.find("event: message_delta").unwrap()];
         let (out, t) = run(AnthropicPassthrough::new(), &[cut.as_bytes()]);
         assert_eq!(out, cut);
-        assert_eq!(t.usage(), None, "message_start's output count is a placeholder");
+        assert_eq!(
+            t.usage(),
+            None,
+            "message_start's output count is a placeholder"
+        );
         assert_eq!(t.text(), "ab");
         let mut spec = fixtures::AnthropicSpec::text(&["a"]);
         spec.with_usage = false;
-        let (_, t) = run(AnthropicPassthrough::new(), &[fixtures::anthropic_stream(&spec).as_bytes()]);
+        let (_, t) = run(
+            AnthropicPassthrough::new(),
+            &[fixtures::anthropic_stream(&spec).as_bytes()],
+        );
         assert_eq!(t.usage(), None);
     }
 
     #[test]
     fn openai_text_stream_to_anthropic_sequence() {
         let upstream = fixtures::openai_stream(&OpenAiSpec::text(&["mock ", "reply "]));
-        let (out, t) = run(OpenAiToAnthropicStream::new("mock-gpt"), &[upstream.as_bytes()]);
+        let (out, t) = run(
+            OpenAiToAnthropicStream::new("mock-gpt"),
+            &[upstream.as_bytes()],
+        );
         let events = events_of(&out);
         let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
@@ -426,29 +494,57 @@ mod tests {
         assert_eq!(events[0].1["message"]["id"], "msg_abc123");
         assert_eq!(events[0].1["message"]["model"], "mock-gpt");
         assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 0);
-        assert_eq!(events[1].1["content_block"], serde_json::json!({"type": "text", "text": ""}));
-        assert_eq!(events[3].1["delta"], serde_json::json!({"type": "text_delta", "text": "mock "}));
-        assert_eq!(events[6].1["delta"], serde_json::json!({"stop_reason": "end_turn", "stop_sequence": null}));
+        assert_eq!(
+            events[1].1["content_block"],
+            serde_json::json!({"type": "text", "text": ""})
+        );
+        assert_eq!(
+            events[3].1["delta"],
+            serde_json::json!({"type": "text_delta", "text": "mock "})
+        );
+        assert_eq!(
+            events[6].1["delta"],
+            serde_json::json!({"stop_reason": "end_turn", "stop_sequence": null})
+        );
         assert_eq!(
             events[6].1["usage"],
             serde_json::json!({"input_tokens": 8, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4, "output_tokens": 3})
         );
         let u = t.usage().unwrap();
-        assert_eq!((u.input_tokens, u.cache_read_tokens, u.output_tokens, u.reasoning_tokens), (8, 4, 3, 1));
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cache_read_tokens,
+                u.output_tokens,
+                u.reasoning_tokens
+            ),
+            (8, 4, 3, 1)
+        );
         assert_eq!(t.text(), "mock reply ");
         assert_eq!(t.served_model(), Some("gpt-served"));
         // The SDK's view equals the upstream's counts.
         let msg = fixtures::sdk_final_message(&out);
         assert_eq!(msg["usage"], events[6].1["usage"]);
-        assert_eq!(msg["content"], serde_json::json!([{"type": "text", "text": "mock reply "}]));
+        assert_eq!(
+            msg["content"],
+            serde_json::json!([{"type": "text", "text": "mock reply "}])
+        );
     }
 
     #[test]
     fn openai_tool_stream_to_anthropic() {
         let mut spec = OpenAiSpec::text(&["Checking."]);
         spec.tools = vec![
-            ToolSpec { id: "call_a", name: "get_weather", args: &["{\"city\":", "\"Paris\"}"] },
-            ToolSpec { id: "call_b", name: "get_time", args: &["{}"] },
+            ToolSpec {
+                id: "call_a",
+                name: "get_weather",
+                args: &["{\"city\":", "\"Paris\"}"],
+            },
+            ToolSpec {
+                id: "call_b",
+                name: "get_time",
+                args: &["{}"],
+            },
         ];
         spec.finish = "tool_calls";
         let upstream = fixtures::openai_stream(&spec);
@@ -493,7 +589,10 @@ mod tests {
         let (out, t) = run(OpenAiToAnthropicStream::new("m"), &[upstream.as_bytes()]);
         let events = events_of(&out);
         assert_eq!(events.last().unwrap().0, "message_stop");
-        assert_eq!(events[events.len() - 2].1["usage"], serde_json::json!({"output_tokens": 0}));
+        assert_eq!(
+            events[events.len() - 2].1["usage"],
+            serde_json::json!({"output_tokens": 0})
+        );
         assert_eq!(t.usage(), None);
         assert_eq!(t.text(), "a");
     }
@@ -510,8 +609,14 @@ mod tests {
         t.finish(&mut out);
         t.finish(&mut out);
         let events = events_of(&out);
-        assert_eq!(events.iter().filter(|(n, _)| n == "message_stop").count(), 1);
-        assert_eq!(events[events.len() - 2].1["delta"]["stop_reason"], "end_turn");
+        assert_eq!(
+            events.iter().filter(|(n, _)| n == "message_stop").count(),
+            1
+        );
+        assert_eq!(
+            events[events.len() - 2].1["delta"]["stop_reason"],
+            "end_turn"
+        );
         // Nothing at all from the upstream: nothing owed.
         let mut t = OpenAiToAnthropicStream::new("m");
         let mut out = BytesMut::new();
@@ -523,14 +628,23 @@ mod tests {
     fn openai_stream_length_refusal_and_error() {
         let mut spec = OpenAiSpec::text(&["a"]);
         spec.finish = "length";
-        let (out, _) = run(OpenAiToAnthropicStream::new("m"), &[fixtures::openai_stream(&spec).as_bytes()]);
-        assert_eq!(fixtures::sdk_final_message(&out)["stop_reason"], "max_tokens");
+        let (out, _) = run(
+            OpenAiToAnthropicStream::new("m"),
+            &[fixtures::openai_stream(&spec).as_bytes()],
+        );
+        assert_eq!(
+            fixtures::sdk_final_message(&out)["stop_reason"],
+            "max_tokens"
+        );
 
         let upstream = "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}]}\n\n\
                         data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n";
         let (out, _) = run(OpenAiToAnthropicStream::new("m"), &[upstream.as_bytes()]);
         let events = events_of(&out);
         assert_eq!(events.last().unwrap().0, "error");
-        assert_eq!(events.last().unwrap().1["error"], serde_json::json!({"type": "api_error", "message": "boom"}));
+        assert_eq!(
+            events.last().unwrap().1["error"],
+            serde_json::json!({"type": "api_error", "message": "boom"})
+        );
     }
 }

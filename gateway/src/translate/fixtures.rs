@@ -21,7 +21,11 @@ impl ToolSpec<'_> {
     /// The whole arguments as an object (`{}` when none were sent).
     pub fn input(&self) -> Value {
         let s: String = self.args.concat();
-        if s.trim().is_empty() { json!({}) } else { serde_json::from_str(&s).unwrap_or(Value::Null) }
+        if s.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(&s).unwrap_or(Value::Null)
+        }
     }
 }
 
@@ -59,7 +63,12 @@ impl<'a> AnthropicSpec<'a> {
             texts: texts.to_vec(),
             tools: Vec::new(),
             stop_reason: "end_turn",
-            usage: AUsage { input_tokens: 9, cache_read: 4, cache_write: 2, output_tokens: 6 },
+            usage: AUsage {
+                input_tokens: 9,
+                cache_read: 4,
+                cache_write: 2,
+                output_tokens: 6,
+            },
             with_usage: true,
             delta_full_usage: false,
         }
@@ -87,11 +96,19 @@ pub fn anthropic_stream(s: &AnthropicSpec<'_>) -> String {
             "cache_read_input_tokens": u.cache_read, "output_tokens": 1,
         });
     }
-    event(&mut out, "message_start", &json!({"type": "message_start", "message": message}));
+    event(
+        &mut out,
+        "message_start",
+        &json!({"type": "message_start", "message": message}),
+    );
     let mut index = 0;
     let mut pinged = false;
     let mut start = |out: &mut String, index: usize, block: Value| {
-        event(out, "content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": block}));
+        event(
+            out,
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
         if !pinged {
             pinged = true;
             // The mock writes ping with a space, as Anthropic does.
@@ -99,15 +116,35 @@ pub fn anthropic_stream(s: &AnthropicSpec<'_>) -> String {
         }
     };
     let delta = |out: &mut String, index: usize, d: Value| {
-        event(out, "content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": d}));
+        event(
+            out,
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index, "delta": d}),
+        );
     };
     let stop = |out: &mut String, index: usize| {
-        event(out, "content_block_stop", &json!({"type": "content_block_stop", "index": index}));
+        event(
+            out,
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        );
     };
     if let Some(t) = s.thinking {
-        start(&mut out, index, json!({"type": "thinking", "thinking": "", "signature": ""}));
-        delta(&mut out, index, json!({"type": "thinking_delta", "thinking": t}));
-        delta(&mut out, index, json!({"type": "signature_delta", "signature": "c2ln"}));
+        start(
+            &mut out,
+            index,
+            json!({"type": "thinking", "thinking": "", "signature": ""}),
+        );
+        delta(
+            &mut out,
+            index,
+            json!({"type": "thinking_delta", "thinking": t}),
+        );
+        delta(
+            &mut out,
+            index,
+            json!({"type": "signature_delta", "signature": "c2ln"}),
+        );
         stop(&mut out, index);
         index += 1;
     }
@@ -120,10 +157,22 @@ pub fn anthropic_stream(s: &AnthropicSpec<'_>) -> String {
         index += 1;
     }
     for tool in &s.tools {
-        start(&mut out, index, json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}}));
-        delta(&mut out, index, json!({"type": "input_json_delta", "partial_json": ""}));
+        start(
+            &mut out,
+            index,
+            json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}}),
+        );
+        delta(
+            &mut out,
+            index,
+            json!({"type": "input_json_delta", "partial_json": ""}),
+        );
         for a in tool.args {
-            delta(&mut out, index, json!({"type": "input_json_delta", "partial_json": a}));
+            delta(
+                &mut out,
+                index,
+                json!({"type": "input_json_delta", "partial_json": a}),
+            );
         }
         stop(&mut out, index);
         index += 1;
@@ -154,7 +203,9 @@ pub fn anthropic_plain(s: &AnthropicSpec<'_>) -> Value {
         content.push(json!({"type": "text", "text": s.texts.concat()}));
     }
     for tool in &s.tools {
-        content.push(json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": tool.input()}));
+        content.push(
+            json!({"type": "tool_use", "id": tool.id, "name": tool.name, "input": tool.input()}),
+        );
     }
     let u = s.usage;
     json!({
@@ -196,7 +247,12 @@ impl<'a> OpenAiSpec<'a> {
             tools: Vec::new(),
             finish: "stop",
             include_usage: true,
-            usage: OUsage { prompt: 12, cached: 4, completion: 3, reasoning: 1 },
+            usage: OUsage {
+                prompt: 12,
+                cached: 4,
+                completion: 3,
+                reasoning: 1,
+            },
         }
     }
 
@@ -227,23 +283,42 @@ pub fn openai_stream(s: &OpenAiSpec<'_>) -> String {
         out.push_str(&c.to_string());
         out.push_str("\n\n");
     };
-    let delta = |d: Value| json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": null}]);
-    let first_content = if s.texts.is_empty() && !s.tools.is_empty() { Value::Null } else { json!("") };
-    chunk(&mut out, delta(json!({"role": "assistant", "content": first_content, "refusal": null})), None);
+    let delta =
+        |d: Value| json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": null}]);
+    let first_content = if s.texts.is_empty() && !s.tools.is_empty() {
+        Value::Null
+    } else {
+        json!("")
+    };
+    chunk(
+        &mut out,
+        delta(json!({"role": "assistant", "content": first_content, "refusal": null})),
+        None,
+    );
     for t in &s.texts {
         chunk(&mut out, delta(json!({"content": t})), None);
     }
     for (k, tool) in s.tools.iter().enumerate() {
         chunk(
             &mut out,
-            delta(json!({"tool_calls": [{"index": k, "id": tool.id, "type": "function", "function": {"name": tool.name, "arguments": ""}}]})),
+            delta(
+                json!({"tool_calls": [{"index": k, "id": tool.id, "type": "function", "function": {"name": tool.name, "arguments": ""}}]}),
+            ),
             None,
         );
         for a in tool.args {
-            chunk(&mut out, delta(json!({"tool_calls": [{"index": k, "function": {"arguments": a}}]})), None);
+            chunk(
+                &mut out,
+                delta(json!({"tool_calls": [{"index": k, "function": {"arguments": a}}]})),
+                None,
+            );
         }
     }
-    chunk(&mut out, json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": s.finish}]), None);
+    chunk(
+        &mut out,
+        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": s.finish}]),
+        None,
+    );
     if s.include_usage {
         chunk(&mut out, json!([]), Some(s.usage_value()));
     }
@@ -322,7 +397,12 @@ fn framed(out: &[u8]) -> Vec<crate::sse::SseEvent> {
 pub fn events_of(out: impl AsRef<[u8]>) -> Vec<(String, Value)> {
     framed(out.as_ref())
         .into_iter()
-        .map(|e| (e.event.unwrap_or_default(), serde_json::from_str(&e.data).unwrap()))
+        .map(|e| {
+            (
+                e.event.unwrap_or_default(),
+                serde_json::from_str(&e.data).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -357,7 +437,11 @@ pub fn sdk_final_message(out: impl AsRef<[u8]>) -> Value {
                 let d = &data["delta"];
                 match d["type"].as_str().unwrap() {
                     "text_delta" => {
-                        let t = format!("{}{}", block["text"].as_str().unwrap(), d["text"].as_str().unwrap());
+                        let t = format!(
+                            "{}{}",
+                            block["text"].as_str().unwrap(),
+                            d["text"].as_str().unwrap()
+                        );
                         block["text"] = Value::String(t);
                     }
                     "input_json_delta" => {
@@ -374,7 +458,11 @@ pub fn sdk_final_message(out: impl AsRef<[u8]>) -> Value {
                 msg["stop_sequence"] = data["delta"]["stop_sequence"].clone();
                 let u = &data["usage"];
                 msg["usage"]["output_tokens"] = u["output_tokens"].clone();
-                for k in ["input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"] {
+                for k in [
+                    "input_tokens",
+                    "cache_creation_input_tokens",
+                    "cache_read_input_tokens",
+                ] {
                     if !u[k].is_null() {
                         msg["usage"][k] = u[k].clone();
                     }
@@ -398,7 +486,9 @@ pub fn openai_accumulate(out: impl AsRef<[u8]>) -> Value {
         if !c["usage"].is_null() {
             usage = c["usage"].clone();
         }
-        let Some(choice) = c["choices"].get(0) else { continue };
+        let Some(choice) = c["choices"].get(0) else {
+            continue;
+        };
         let d = &choice["delta"];
         if let Some(t) = d["content"].as_str() {
             content.get_or_insert_with(String::new).push_str(t);

@@ -173,7 +173,11 @@ pub(crate) fn write_sse(out: &mut BytesMut, event: Option<&str>, data: &str) {
 }
 
 /// Appends one SSE event whose data is `value` as JSON (never multi-line).
-pub(crate) fn write_sse_json<T: serde::Serialize>(out: &mut BytesMut, event: Option<&str>, value: &T) {
+pub(crate) fn write_sse_json<T: serde::Serialize>(
+    out: &mut BytesMut,
+    event: Option<&str>,
+    value: &T,
+) {
     use bytes::BufMut;
     if let Some(e) = event {
         out.extend_from_slice(b"event: ");
@@ -206,8 +210,14 @@ mod tests {
         assert_eq!(stop_reason_from_finish(Some("stop"), false), "end_turn");
         assert_eq!(stop_reason_from_finish(Some("stop"), true), "tool_use");
         assert_eq!(stop_reason_from_finish(Some("length"), true), "max_tokens");
-        assert_eq!(stop_reason_from_finish(Some("tool_calls"), false), "tool_use");
-        assert_eq!(stop_reason_from_finish(Some("content_filter"), false), "refusal");
+        assert_eq!(
+            stop_reason_from_finish(Some("tool_calls"), false),
+            "tool_use"
+        );
+        assert_eq!(
+            stop_reason_from_finish(Some("content_filter"), false),
+            "refusal"
+        );
         assert_eq!(stop_reason_from_finish(None, false), "end_turn");
         for (stop, finish) in [
             ("end_turn", "stop"),

@@ -101,7 +101,12 @@ impl AnthropicToOpenAiStream {
     }
 
     fn chunk(&self, out: &mut BytesMut, delta: OutChunkDelta<'_>, finish_reason: Option<&str>) {
-        let choice = [OutChoice { index: 0, delta, logprobs: None, finish_reason }];
+        let choice = [OutChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason,
+        }];
         let chunk = OutChunk {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -119,7 +124,11 @@ impl AnthropicToOpenAiStream {
         }
         self.started = true;
         self.id = openai_id(upstream_id);
-        let delta = OutChunkDelta { role: Some("assistant"), content: Some(""), tool_calls: None };
+        let delta = OutChunkDelta {
+            role: Some("assistant"),
+            content: Some(""),
+            tool_calls: None,
+        };
         self.chunk(out, delta, None);
     }
 
@@ -135,11 +144,25 @@ impl AnthropicToOpenAiStream {
             return;
         }
         self.push_text(t);
-        self.chunk(out, OutChunkDelta { content: Some(t), ..OutChunkDelta::default() }, None);
+        self.chunk(
+            out,
+            OutChunkDelta {
+                content: Some(t),
+                ..OutChunkDelta::default()
+            },
+            None,
+        );
     }
 
     fn tool_delta(&self, out: &mut BytesMut, call: OutToolCall<'_>) {
-        self.chunk(out, OutChunkDelta { tool_calls: Some([call]), ..OutChunkDelta::default() }, None);
+        self.chunk(
+            out,
+            OutChunkDelta {
+                tool_calls: Some([call]),
+                ..OutChunkDelta::default()
+            },
+            None,
+        );
     }
 
     /// The finish chunk, then (include_usage) the usage chunk.
@@ -148,7 +171,11 @@ impl AnthropicToOpenAiStream {
             return;
         }
         self.finish_sent = true;
-        self.chunk(out, OutChunkDelta::default(), Some(finish_from_stop_reason(stop_reason)));
+        self.chunk(
+            out,
+            OutChunkDelta::default(),
+            Some(finish_from_stop_reason(stop_reason)),
+        );
         let usage = self.usage.complete().filter(|_| self.include_usage);
         if let Some(usage) = usage {
             let chunk = OutChunk {
@@ -186,7 +213,9 @@ impl AnthropicToOpenAiStream {
             }
             "content_block_start" => {
                 self.ensure_started(None, out);
-                let (Some(index), Some(block)) = (ev.index, &ev.content_block) else { return };
+                let (Some(index), Some(block)) = (ev.index, &ev.content_block) else {
+                    return;
+                };
                 let kind = match block.kind.as_ref() {
                     "text" => {
                         self.content(block.text.as_deref().unwrap_or_default(), out);
@@ -202,7 +231,10 @@ impl AnthropicToOpenAiStream {
                             index: k,
                             id: Some(block.id.as_deref().unwrap_or_default()),
                             kind: Some("function"),
-                            function: OutFunction { name: Some(name), arguments: "" },
+                            function: OutFunction {
+                                name: Some(name),
+                                arguments: "",
+                            },
                         };
                         self.tool_delta(out, call);
                         Block::Tool(k)
@@ -214,9 +246,14 @@ impl AnthropicToOpenAiStream {
             "content_block_delta" => {
                 self.ensure_started(None, out);
                 let Some(d) = &ev.delta else { return };
-                let block = ev.index.and_then(|i| self.blocks.iter().find(|(b, _)| *b == i)).map(|(_, k)| *k);
+                let block = ev
+                    .index
+                    .and_then(|i| self.blocks.iter().find(|(b, _)| *b == i))
+                    .map(|(_, k)| *k);
                 match (d.kind.as_deref(), block) {
-                    (Some("text_delta"), _) => self.content(d.text.as_deref().unwrap_or_default(), out),
+                    (Some("text_delta"), _) => {
+                        self.content(d.text.as_deref().unwrap_or_default(), out)
+                    }
                     (Some("input_json_delta"), Some(Block::Tool(k))) => {
                         let args = d.partial_json.as_deref().unwrap_or_default();
                         if !args.is_empty() {
@@ -225,12 +262,17 @@ impl AnthropicToOpenAiStream {
                                 index: k,
                                 id: None,
                                 kind: None,
-                                function: OutFunction { name: None, arguments: args },
+                                function: OutFunction {
+                                    name: None,
+                                    arguments: args,
+                                },
                             };
                             self.tool_delta(out, call);
                         }
                     }
-                    (Some("thinking_delta"), _) => self.push_text(d.thinking.as_deref().unwrap_or_default()),
+                    (Some("thinking_delta"), _) => {
+                        self.push_text(d.thinking.as_deref().unwrap_or_default())
+                    }
                     // signature_delta, citations_delta, deltas of unknown blocks.
                     _ => {}
                 }
@@ -257,8 +299,15 @@ impl AnthropicToOpenAiStream {
                     "invalid_request_error" => ("invalid_request_error", None),
                     _ => ("api_error", None),
                 };
-                let message = e.and_then(|e| e.message.as_deref()).unwrap_or("the upstream failed mid-stream");
-                let body = OutOpenAiErrorBody { message, kind, param: None, code };
+                let message = e
+                    .and_then(|e| e.message.as_deref())
+                    .unwrap_or("the upstream failed mid-stream");
+                let body = OutOpenAiErrorBody {
+                    message,
+                    kind,
+                    param: None,
+                    code,
+                };
                 write_sse_json(out, None, &OutOpenAiError { error: body });
                 // OpenAI ends a failed stream with the error: no [DONE].
                 self.done = true;
@@ -328,9 +377,18 @@ mod tests {
             assert_eq!(c["created"], 1_700_000_000);
             assert_eq!(c["model"], "mock-claude");
         }
-        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
-        assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Hello"}));
-        assert_eq!(chunks[3]["choices"][0], json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}));
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        assert_eq!(
+            chunks[1]["choices"][0]["delta"],
+            json!({"content": "Hello"})
+        );
+        assert_eq!(
+            chunks[3]["choices"][0],
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"})
+        );
         for c in &chunks[..4] {
             assert_eq!(c["usage"], Value::Null);
             assert!(c.as_object().unwrap().contains_key("usage"));
@@ -341,7 +399,15 @@ mod tests {
             json!({"prompt_tokens": 15, "completion_tokens": 6, "total_tokens": 21, "prompt_tokens_details": {"cached_tokens": 4}})
         );
         let u = t.usage().unwrap();
-        assert_eq!((u.input_tokens, u.cache_read_tokens, u.cache_write_tokens, u.output_tokens), (9, 4, 2, 6));
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                u.output_tokens
+            ),
+            (9, 4, 2, 6)
+        );
         assert_eq!(t.text(), "Hello world");
         assert_eq!(t.served_model(), Some("claude-served"));
     }
@@ -360,16 +426,30 @@ mod tests {
         let mut spec = AnthropicSpec::text(&["Let me check."]);
         spec.thinking = Some("thinking about it");
         spec.tools = vec![
-            fixtures::ToolSpec { id: "toolu_a", name: "get_weather", args: &["{\"city\": ", "\"Paris\"}"] },
-            fixtures::ToolSpec { id: "toolu_b", name: "noop", args: &[] },
+            fixtures::ToolSpec {
+                id: "toolu_a",
+                name: "get_weather",
+                args: &["{\"city\": ", "\"Paris\"}"],
+            },
+            fixtures::ToolSpec {
+                id: "toolu_b",
+                name: "noop",
+                args: &[],
+            },
         ];
         spec.stop_reason = "tool_use";
         let upstream = fixtures::anthropic_stream(&spec);
         let (out, t) = run(translator(true), &[upstream.as_bytes()]);
         let chunks = chunks_of(&out);
-        let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["delta"]).collect();
+        let deltas: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0))
+            .map(|c| &c["delta"])
+            .collect();
         assert!(deltas.contains(&&json!({"tool_calls": [{"index": 0, "id": "toolu_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]})));
-        assert!(deltas.contains(&&json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]})));
+        assert!(deltas.contains(
+            &&json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]})
+        ));
         assert!(deltas.contains(&&json!({"tool_calls": [{"index": 1, "id": "toolu_b", "type": "function", "function": {"name": "noop", "arguments": ""}}]})));
         let acc = fixtures::openai_accumulate(&out);
         assert_eq!(acc["message"]["content"], "Let me check.");
@@ -381,7 +461,10 @@ mod tests {
             ])
         );
         assert_eq!(acc["finish_reason"], "tool_calls");
-        assert!(t.text().contains("thinking about it"), "reasoning counts for estimates");
+        assert!(
+            t.text().contains("thinking about it"),
+            "reasoning counts for estimates"
+        );
         assert!(!out.contains("thinking about it"), "but is not shown");
     }
 
@@ -396,7 +479,12 @@ mod tests {
         t.finish(&mut out);
         t.finish(&mut out);
         assert_eq!(String::from_utf8_lossy(&out).matches("[DONE]").count(), 1);
-        assert_eq!(String::from_utf8_lossy(&out).matches("\"finish_reason\":\"stop\"").count(), 1);
+        assert_eq!(
+            String::from_utf8_lossy(&out)
+                .matches("\"finish_reason\":\"stop\"")
+                .count(),
+            1
+        );
 
         // Cut before message_delta: finish writes a finish chunk but no usage
         // chunk (message_start's output count is only a placeholder).
@@ -406,7 +494,10 @@ mod tests {
         assert_eq!(t.usage(), None);
         t.finish(&mut out);
         let chunks = chunks_of(&out);
-        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
+        );
         assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
         let mut t = translator(true);
         let mut out = BytesMut::new();
@@ -418,7 +509,10 @@ mod tests {
     fn stop_reasons_and_errors() {
         let mut spec = AnthropicSpec::text(&["a"]);
         spec.stop_reason = "max_tokens";
-        let (out, _) = run(translator(false), &[fixtures::anthropic_stream(&spec).as_bytes()]);
+        let (out, _) = run(
+            translator(false),
+            &[fixtures::anthropic_stream(&spec).as_bytes()],
+        );
         assert_eq!(fixtures::openai_accumulate(&out)["finish_reason"], "length");
 
         let upstream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"c\"}}\n\n\

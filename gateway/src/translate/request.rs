@@ -61,7 +61,10 @@ fn text_part(text: &str) -> Value {
 /// One text part as a plain string, anything else as the parts array.
 fn collapse_parts(mut parts: Vec<Value>) -> Value {
     if parts.len() == 1 && type_of(&parts[0]) == Some("text") {
-        if let Some(Value::String(s)) = parts.pop().and_then(|mut p| p.get_mut("text").map(Value::take)) {
+        if let Some(Value::String(s)) = parts
+            .pop()
+            .and_then(|mut p| p.get_mut("text").map(Value::take))
+        {
             return Value::String(s);
         }
         return Value::String(String::new());
@@ -83,13 +86,16 @@ pub fn anthropic_request_to_openai_chat(
     out.insert("model".into(), model_value(req, upstream_model));
 
     let mut messages = Vec::new();
-    if let Some(system) = req.get("system") {
-        if let Some(m) = system_to_openai(system)? {
-            messages.push(m);
-        }
+    if let Some(system) = req.get("system")
+        && let Some(m) = system_to_openai(system)?
+    {
+        messages.push(m);
     }
     let Some(Value::Array(msgs)) = req.get("messages") else {
-        return Err(invalid("messages: Field required (an array)", Some("messages")));
+        return Err(invalid(
+            "messages: Field required (an array)",
+            Some("messages"),
+        ));
     };
     for (i, m) in msgs.iter().enumerate() {
         anthropic_message_to_openai(m, i, &mut messages)?;
@@ -100,7 +106,9 @@ pub fn anthropic_request_to_openai_chat(
         Some(Value::Number(n)) if n.as_u64().is_some() => {
             out.insert("max_completion_tokens".into(), Value::Number(n.clone()));
         }
-        None | Some(Value::Null) => return Err(invalid("max_tokens: Field required", Some("max_tokens"))),
+        None | Some(Value::Null) => {
+            return Err(invalid("max_tokens: Field required", Some("max_tokens")));
+        }
         Some(_) => {
             return Err(invalid(
                 "max_tokens: Input should be a non-negative integer",
@@ -113,20 +121,27 @@ pub fn anthropic_request_to_openai_chat(
             out.insert(key.into(), v.clone());
         }
     }
-    if let Some(stops) = req.get("stop_sequences").and_then(Value::as_array) {
-        if !stops.is_empty() {
-            if stops.iter().any(|s| !s.is_string()) {
-                return Err(invalid("stop_sequences: each entry must be a string", Some("stop_sequences")));
-            }
-            out.insert("stop".into(), Value::Array(stops.clone()));
+    if let Some(stops) = req.get("stop_sequences").and_then(Value::as_array)
+        && !stops.is_empty()
+    {
+        if stops.iter().any(|s| !s.is_string()) {
+            return Err(invalid(
+                "stop_sequences: each entry must be a string",
+                Some("stop_sequences"),
+            ));
         }
+        out.insert("stop".into(), Value::Array(stops.clone()));
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
         out.insert("stream".into(), Value::Bool(true));
         // Usage arrives only when asked for; the gateway always needs it.
         out.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    if let Some(user) = req.get("metadata").and_then(|m| m.get("user_id")).and_then(Value::as_str) {
+    if let Some(user) = req
+        .get("metadata")
+        .and_then(|m| m.get("user_id"))
+        .and_then(Value::as_str)
+    {
         out.insert("user".into(), Value::String(user.to_owned()));
     }
 
@@ -137,7 +152,12 @@ pub fn anthropic_request_to_openai_chat(
             .enumerate()
             .map(|(k, t)| tool_to_openai(t, k))
             .collect::<Result<Vec<_>, _>>()?,
-        Some(_) => return Err(invalid("tools: Input should be a valid list", Some("tools"))),
+        Some(_) => {
+            return Err(invalid(
+                "tools: Input should be a valid list",
+                Some("tools"),
+            ));
+        }
     };
     // OpenAI refuses `tools: []`, and `tool_choice` or `parallel_tool_calls`
     // without tools.
@@ -166,7 +186,9 @@ fn system_to_openai(system: &Value) -> Result<Option<Value>, TranslateError> {
                     (Some("text"), Some(t)) => parts.push(text_part(t)),
                     _ => {
                         return Err(invalid(
-                            format!("system.{j}: only text blocks are supported in a system prompt"),
+                            format!(
+                                "system.{j}: only text blocks are supported in a system prompt"
+                            ),
                             Some("system"),
                         ));
                     }
@@ -177,12 +199,21 @@ fn system_to_openai(system: &Value) -> Result<Option<Value>, TranslateError> {
             }
             collapse_parts(parts)
         }
-        _ => return Err(invalid("system: Input should be a string or a list of text blocks", Some("system"))),
+        _ => {
+            return Err(invalid(
+                "system: Input should be a string or a list of text blocks",
+                Some("system"),
+            ));
+        }
     };
     Ok(Some(json!({"role": "system", "content": content})))
 }
 
-fn anthropic_message_to_openai(m: &Value, i: usize, out: &mut Vec<Value>) -> Result<(), TranslateError> {
+fn anthropic_message_to_openai(
+    m: &Value,
+    i: usize,
+    out: &mut Vec<Value>,
+) -> Result<(), TranslateError> {
     let content = m.get("content");
     match str_field(m, "role") {
         Some("user") => user_to_openai(content, i, out),
@@ -204,7 +235,11 @@ fn content_blocks(content: Option<&Value>, i: usize) -> Result<&[Value], Transla
     }
 }
 
-fn user_to_openai(content: Option<&Value>, i: usize, out: &mut Vec<Value>) -> Result<(), TranslateError> {
+fn user_to_openai(
+    content: Option<&Value>,
+    i: usize,
+    out: &mut Vec<Value>,
+) -> Result<(), TranslateError> {
     if let Some(Value::String(s)) = content {
         out.push(json!({"role": "user", "content": s}));
         return Ok(());
@@ -249,7 +284,9 @@ fn image_to_openai(b: &Value, i: usize, j: usize) -> Result<Value, TranslateErro
         Some("url") => str_field(source, "url").unwrap_or_default().to_owned(),
         _ => {
             return Err(invalid(
-                format!("messages.{i}.content.{j}.source: only base64 and url images can be sent to an OpenAI-format model"),
+                format!(
+                    "messages.{i}.content.{j}.source: only base64 and url images can be sent to an OpenAI-format model"
+                ),
                 Some("messages"),
             ));
         }
@@ -263,11 +300,15 @@ fn document_to_openai(b: &Value, i: usize, j: usize) -> Result<Value, TranslateE
         (Some("base64"), Some(mt @ "application/pdf")) => {
             let filename = str_field(b, "title").unwrap_or("document.pdf");
             let data = str_field(source, "data").unwrap_or_default();
-            Ok(json!({"type": "file", "file": {"filename": filename, "file_data": format!("data:{mt};base64,{data}")}}))
+            Ok(
+                json!({"type": "file", "file": {"filename": filename, "file_data": format!("data:{mt};base64,{data}")}}),
+            )
         }
         (Some("text"), _) => Ok(text_part(str_field(source, "data").unwrap_or_default())),
         _ => Err(invalid(
-            format!("messages.{i}.content.{j}.source: only base64 PDF and plain-text documents can be sent to an OpenAI-format model"),
+            format!(
+                "messages.{i}.content.{j}.source: only base64 PDF and plain-text documents can be sent to an OpenAI-format model"
+            ),
             Some("messages"),
         )),
     }
@@ -275,7 +316,10 @@ fn document_to_openai(b: &Value, i: usize, j: usize) -> Result<Value, TranslateE
 
 fn tool_result_to_openai(b: &Value, i: usize, j: usize) -> Result<Value, TranslateError> {
     let id = str_field(b, "tool_use_id").ok_or_else(|| {
-        invalid(format!("messages.{i}.content.{j}.tool_use_id: Field required"), Some("messages"))
+        invalid(
+            format!("messages.{i}.content.{j}.tool_use_id: Field required"),
+            Some("messages"),
+        )
     })?;
     let content = match b.get("content") {
         None | Some(Value::Null) => Value::String(String::new()),
@@ -296,11 +340,17 @@ fn tool_result_to_openai(b: &Value, i: usize, j: usize) -> Result<Value, Transla
                     }
                 }
             }
-            if parts.is_empty() { Value::String(String::new()) } else { collapse_parts(parts) }
+            if parts.is_empty() {
+                Value::String(String::new())
+            } else {
+                collapse_parts(parts)
+            }
         }
         Some(_) => {
             return Err(invalid(
-                format!("messages.{i}.content.{j}.content: Input should be a string or a list of blocks"),
+                format!(
+                    "messages.{i}.content.{j}.content: Input should be a string or a list of blocks"
+                ),
                 Some("messages"),
             ));
         }
@@ -308,7 +358,11 @@ fn tool_result_to_openai(b: &Value, i: usize, j: usize) -> Result<Value, Transla
     Ok(json!({"role": "tool", "tool_call_id": id, "content": content}))
 }
 
-fn assistant_to_openai(content: Option<&Value>, i: usize, out: &mut Vec<Value>) -> Result<(), TranslateError> {
+fn assistant_to_openai(
+    content: Option<&Value>,
+    i: usize,
+    out: &mut Vec<Value>,
+) -> Result<(), TranslateError> {
     if let Some(Value::String(s)) = content {
         out.push(json!({"role": "assistant", "content": s}));
         return Ok(());
@@ -360,25 +414,35 @@ fn tool_to_openai(t: &Value, k: usize) -> Result<Value, TranslateError> {
         None | Some("custom") => {}
         Some(other) => {
             return Err(invalid(
-                format!("tools.{k}: the server tool `{other}` is not available on an OpenAI-format model"),
+                format!(
+                    "tools.{k}: the server tool `{other}` is not available on an OpenAI-format model"
+                ),
                 Some("tools"),
             ));
         }
     }
-    let name = str_field(t, "name").ok_or_else(|| invalid(format!("tools.{k}.name: Field required"), Some("tools")))?;
+    let name = str_field(t, "name")
+        .ok_or_else(|| invalid(format!("tools.{k}.name: Field required"), Some("tools")))?;
     let mut function = Map::new();
     function.insert("name".into(), Value::String(name.to_owned()));
     if let Some(d) = t.get("description").filter(|d| d.is_string()) {
         function.insert("description".into(), d.clone());
     }
-    let schema = t.get("input_schema").filter(|s| s.is_object()).cloned().unwrap_or_else(empty_schema);
+    let schema = t
+        .get("input_schema")
+        .filter(|s| s.is_object())
+        .cloned()
+        .unwrap_or_else(empty_schema);
     function.insert("parameters".into(), schema);
     Ok(json!({"type": "function", "function": function}))
 }
 
 /// OpenAI `tool_choice`, and whether parallel tool calls are disabled.
 fn tool_choice_to_openai(choice: &Value) -> Result<(Value, bool), TranslateError> {
-    let no_parallel = choice.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true);
+    let no_parallel = choice
+        .get("disable_parallel_tool_use")
+        .and_then(Value::as_bool)
+        == Some(true);
     let mapped = match type_of(choice) {
         Some("auto") => json!("auto"),
         Some("any") => json!("required"),
@@ -413,7 +477,10 @@ pub fn openai_chat_request_to_anthropic(
     out.insert("model".into(), model_value(req, upstream_model));
 
     let Some(Value::Array(msgs)) = req.get("messages") else {
-        return Err(invalid("messages: Field required (an array)", Some("messages")));
+        return Err(invalid(
+            "messages: Field required (an array)",
+            Some("messages"),
+        ));
     };
     let (system, messages) = openai_messages_to_anthropic(msgs)?;
     if let Some(system) = system {
@@ -440,7 +507,10 @@ pub fn openai_chat_request_to_anthropic(
     }
     if let Some(t) = req.get("temperature").and_then(Value::as_f64) {
         // OpenAI's range is 0..=2, Anthropic's 0..=1.
-        out.insert("temperature".into(), clamp_temperature(req.get("temperature"), t));
+        out.insert(
+            "temperature".into(),
+            clamp_temperature(req.get("temperature"), t),
+        );
     }
     if let Some(v @ Value::Number(_)) = req.get("top_p") {
         out.insert("top_p".into(), v.clone());
@@ -455,7 +525,12 @@ pub fn openai_chat_request_to_anthropic(
                 out.insert("stop_sequences".into(), Value::Array(a.clone()));
             }
         }
-        Some(_) => return Err(invalid("stop: must be a string or a list of strings", Some("stop"))),
+        Some(_) => {
+            return Err(invalid(
+                "stop: must be a string or a list of strings",
+                Some("stop"),
+            ));
+        }
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
         out.insert("stream".into(), Value::Bool(true));
@@ -483,7 +558,10 @@ pub fn openai_chat_request_to_anthropic(
             None | Some(Value::Null) => no_parallel.then(|| json!({"type": "auto"})),
             Some(c) => Some(tool_choice_to_anthropic(c)?),
         };
-        if let Some(c) = choice.as_mut().filter(|c| no_parallel && type_of(c) != Some("none")) {
+        if let Some(c) = choice
+            .as_mut()
+            .filter(|c| no_parallel && type_of(c) != Some("none"))
+        {
             c["disable_parallel_tool_use"] = Value::Bool(true);
         }
         if let Some(c) = choice {
@@ -510,29 +588,41 @@ fn refuse_meaning_changes(req: &Map<String, Value>) -> Result<(), TranslateError
             Some("n"),
         ));
     }
-    if let Some(rf) = req.get("response_format").filter(|v| !v.is_null()) {
-        if type_of(rf) != Some("text") {
-            return Err(invalid(
-                "response_format: JSON modes are not available for an Anthropic model through this API; describe the format in the prompt or use a tool",
-                Some("response_format"),
-            ));
-        }
+    if let Some(rf) = req.get("response_format").filter(|v| !v.is_null())
+        && type_of(rf) != Some("text")
+    {
+        return Err(invalid(
+            "response_format: JSON modes are not available for an Anthropic model through this API; describe the format in the prompt or use a tool",
+            Some("response_format"),
+        ));
     }
     if req.get("logprobs").and_then(Value::as_bool) == Some(true) {
-        return Err(invalid("logprobs: not available for an Anthropic model", Some("logprobs")));
+        return Err(invalid(
+            "logprobs: not available for an Anthropic model",
+            Some("logprobs"),
+        ));
     }
     let audio_out = req
         .get("modalities")
         .and_then(Value::as_array)
         .is_some_and(|m| m.iter().any(|x| x.as_str() == Some("audio")));
     if audio_out || req.get("audio").is_some_and(|a| !a.is_null()) {
-        return Err(invalid("audio output is not available for an Anthropic model", Some("modalities")));
+        return Err(invalid(
+            "audio output is not available for an Anthropic model",
+            Some("modalities"),
+        ));
     }
     for key in ["functions", "function_call"] {
         if req.get(key).is_some_and(|v| !v.is_null()) {
             return Err(invalid(
-                format!("{key}: the legacy functions API is not available for an Anthropic model; use tools"),
-                Some(if key == "functions" { "functions" } else { "function_call" }),
+                format!(
+                    "{key}: the legacy functions API is not available for an Anthropic model; use tools"
+                ),
+                Some(if key == "functions" {
+                    "functions"
+                } else {
+                    "function_call"
+                }),
             ));
         }
     }
@@ -549,7 +639,9 @@ fn refuse_meaning_changes(req: &Map<String, Value>) -> Result<(), TranslateError
 /// become the top-level `system` (Anthropic has no other place for them).
 /// Consecutive tool messages, and the user message right after them, make
 /// one user turn with the `tool_result` blocks first, as Anthropic requires.
-fn openai_messages_to_anthropic(msgs: &[Value]) -> Result<(Option<Value>, Vec<Value>), TranslateError> {
+fn openai_messages_to_anthropic(
+    msgs: &[Value],
+) -> Result<(Option<Value>, Vec<Value>), TranslateError> {
     let mut system_parts: Vec<Value> = Vec::new();
     let mut system_strings = 0usize;
     let mut out = Vec::with_capacity(msgs.len());
@@ -592,24 +684,36 @@ fn openai_messages_to_anthropic(msgs: &[Value]) -> Result<(Option<Value>, Vec<Va
             }
             Some("tool") => {
                 let id = str_field(m, "tool_call_id").ok_or_else(|| {
-                    invalid(format!("messages.{i}.tool_call_id: Field required"), Some("messages"))
+                    invalid(
+                        format!("messages.{i}.tool_call_id: Field required"),
+                        Some("messages"),
+                    )
                 })?;
                 let content = match content {
                     Some(Value::String(s)) => Value::String(s.clone()),
                     None | Some(Value::Null) => Value::String(String::new()),
-                    _ => Value::Array(plain_texts(content, i)?.into_iter().map(text_part).collect()),
+                    _ => Value::Array(
+                        plain_texts(content, i)?
+                            .into_iter()
+                            .map(text_part)
+                            .collect(),
+                    ),
                 };
                 results.push(json!({"type": "tool_result", "tool_use_id": id, "content": content}));
             }
             Some("function") => {
                 return Err(invalid(
-                    format!("messages.{i}.role: legacy `function` messages are not available for an Anthropic model; use tools"),
+                    format!(
+                        "messages.{i}.role: legacy `function` messages are not available for an Anthropic model; use tools"
+                    ),
                     Some("messages"),
                 ));
             }
             _ => {
                 return Err(invalid(
-                    format!("messages.{i}.role: must be one of system, developer, user, assistant, tool"),
+                    format!(
+                        "messages.{i}.role: must be one of system, developer, user, assistant, tool"
+                    ),
                     Some("messages"),
                 ));
             }
@@ -635,18 +739,30 @@ fn plain_texts(content: Option<&Value>, i: usize) -> Result<Vec<&str>, Translate
             .map(|(j, p)| match (type_of(p), str_field(p, "text")) {
                 (Some("text"), Some(t)) => Ok(t),
                 (kind, _) => Err(invalid(
-                    format!("messages.{i}.content.{j}: `{}` parts are not allowed here (text only)", kind.unwrap_or("(none)")),
+                    format!(
+                        "messages.{i}.content.{j}: `{}` parts are not allowed here (text only)",
+                        kind.unwrap_or("(none)")
+                    ),
                     Some("messages"),
                 )),
             })
             .collect(),
-        Some(_) => Err(invalid(format!("messages.{i}.content: must be a string or a list of parts"), Some("messages"))),
+        Some(_) => Err(invalid(
+            format!("messages.{i}.content: must be a string or a list of parts"),
+            Some("messages"),
+        )),
     }
 }
 
 fn user_to_anthropic(content: Option<&Value>, i: usize) -> Result<Vec<Value>, TranslateError> {
     let parts = match content {
-        Some(Value::String(s)) => return Ok(if s.is_empty() { Vec::new() } else { vec![text_part(s)] }),
+        Some(Value::String(s)) => {
+            return Ok(if s.is_empty() {
+                Vec::new()
+            } else {
+                vec![text_part(s)]
+            });
+        }
         Some(Value::Array(parts)) => parts,
         _ => {
             return Err(invalid(
@@ -666,10 +782,18 @@ fn user_to_anthropic(content: Option<&Value>, i: usize) -> Result<Vec<Value>, Tr
                 }
             }
             Some("image_url") => {
-                let url = p.get("image_url").and_then(|u| u.get("url")).and_then(Value::as_str).unwrap_or_default();
+                let url = p
+                    .get("image_url")
+                    .and_then(|u| u.get("url"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 blocks.push(image_to_anthropic(url, i, j)?);
             }
-            Some("file") => blocks.push(file_to_anthropic(p.get("file").unwrap_or(&Value::Null), i, j)?),
+            Some("file") => blocks.push(file_to_anthropic(
+                p.get("file").unwrap_or(&Value::Null),
+                i,
+                j,
+            )?),
             other => {
                 return Err(invalid(
                     format!(
@@ -694,13 +818,17 @@ fn parse_data_url(url: &str) -> Option<(&str, &str)> {
 
 fn image_to_anthropic(url: &str, i: usize, j: usize) -> Result<Value, TranslateError> {
     if let Some((media_type, data)) = parse_data_url(url) {
-        return Ok(json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}));
+        return Ok(
+            json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+        );
     }
     if url.starts_with("https://") || url.starts_with("http://") {
         return Ok(json!({"type": "image", "source": {"type": "url", "url": url}}));
     }
     Err(invalid(
-        format!("messages.{i}.content.{j}.image_url.url: must be an http(s) URL or a base64 data URL"),
+        format!(
+            "messages.{i}.content.{j}.image_url.url: must be an http(s) URL or a base64 data URL"
+        ),
         Some("messages"),
     ))
 }
@@ -716,7 +844,9 @@ fn file_to_anthropic(file: &Value, i: usize, j: usize) -> Result<Value, Translat
             Ok(doc)
         }
         _ => Err(invalid(
-            format!("messages.{i}.content.{j}.file: only inline PDF `file_data` can be sent to an Anthropic model (no file ids)"),
+            format!(
+                "messages.{i}.content.{j}.file: only inline PDF `file_data` can be sent to an Anthropic model (no file ids)"
+            ),
             Some("messages"),
         )),
     }
@@ -727,19 +857,26 @@ fn assistant_to_anthropic(m: &Value, i: usize) -> Result<Option<Value>, Translat
     let calls = match m.get("tool_calls") {
         None | Some(Value::Null) => &[][..],
         Some(Value::Array(c)) => c.as_slice(),
-        Some(_) => return Err(invalid(format!("messages.{i}.tool_calls: must be a list"), Some("messages"))),
+        Some(_) => {
+            return Err(invalid(
+                format!("messages.{i}.tool_calls: must be a list"),
+                Some("messages"),
+            ));
+        }
     };
     if m.get("function_call").is_some_and(|f| !f.is_null()) {
         return Err(invalid(
-            format!("messages.{i}.function_call: the legacy functions API is not available for an Anthropic model; use tool_calls"),
+            format!(
+                "messages.{i}.function_call: the legacy functions API is not available for an Anthropic model; use tool_calls"
+            ),
             Some("messages"),
         ));
     }
-    if calls.is_empty() {
-        if let Some(Value::String(s)) = content {
-            // An empty assistant turn says nothing, and Anthropic refuses it.
-            return Ok((!s.is_empty()).then(|| json!({"role": "assistant", "content": s})));
-        }
+    if calls.is_empty()
+        && let Some(Value::String(s)) = content
+    {
+        // An empty assistant turn says nothing, and Anthropic refuses it.
+        return Ok((!s.is_empty()).then(|| json!({"role": "assistant", "content": s})));
     }
     let mut blocks = Vec::new();
     match content {
@@ -761,14 +898,21 @@ fn assistant_to_anthropic(m: &Value, i: usize) -> Result<Option<Value>, Translat
                     Some(_) => {}
                     None => {
                         return Err(invalid(
-                            format!("messages.{i}.content.{j}: assistant content parts must be text or refusal"),
+                            format!(
+                                "messages.{i}.content.{j}: assistant content parts must be text or refusal"
+                            ),
                             Some("messages"),
                         ));
                     }
                 }
             }
         }
-        Some(_) => return Err(invalid(format!("messages.{i}.content: must be a string or a list of parts"), Some("messages"))),
+        Some(_) => {
+            return Err(invalid(
+                format!("messages.{i}.content: must be a string or a list of parts"),
+                Some("messages"),
+            ));
+        }
     }
     for (k, c) in calls.iter().enumerate() {
         blocks.push(tool_call_to_anthropic(c, i, k)?);
@@ -779,11 +923,17 @@ fn assistant_to_anthropic(m: &Value, i: usize) -> Result<Option<Value>, Translat
 fn tool_call_to_anthropic(c: &Value, i: usize, k: usize) -> Result<Value, TranslateError> {
     let at = |what: &str| format!("messages.{i}.tool_calls.{k}{what}");
     if !matches!(type_of(c), None | Some("function")) {
-        return Err(invalid(at(": only function tool calls can be sent to an Anthropic model"), Some("messages")));
+        return Err(invalid(
+            at(": only function tool calls can be sent to an Anthropic model"),
+            Some("messages"),
+        ));
     }
     let f = c.get("function").unwrap_or(&Value::Null);
     let (Some(id), Some(name)) = (str_field(c, "id"), str_field(f, "name")) else {
-        return Err(invalid(at(": a tool call needs an id and a function name"), Some("messages")));
+        return Err(invalid(
+            at(": a tool call needs an id and a function name"),
+            Some("messages"),
+        ));
     };
     let input = match f.get("arguments") {
         None | Some(Value::Null) => Value::Object(Map::new()),
@@ -792,13 +942,20 @@ fn tool_call_to_anthropic(c: &Value, i: usize, k: usize) -> Result<Value, Transl
             Ok(v @ Value::Object(_)) => v,
             _ => {
                 return Err(invalid(
-                    at(".function.arguments: must be a JSON object (Anthropic tool inputs are objects)"),
+                    at(
+                        ".function.arguments: must be a JSON object (Anthropic tool inputs are objects)",
+                    ),
                     Some("messages"),
                 ));
             }
         },
         Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => return Err(invalid(at(".function.arguments: must be a JSON string"), Some("messages"))),
+        Some(_) => {
+            return Err(invalid(
+                at(".function.arguments: must be a JSON string"),
+                Some("messages"),
+            ));
+        }
     };
     Ok(json!({"type": "tool_use", "id": id, "name": name, "input": input}))
 }
@@ -811,13 +968,22 @@ fn tool_to_anthropic(t: &Value, k: usize) -> Result<Value, TranslateError> {
         ));
     }
     let f = t.get("function").unwrap_or(&Value::Null);
-    let name = str_field(f, "name").ok_or_else(|| invalid(format!("tools.{k}.function.name: Field required"), Some("tools")))?;
+    let name = str_field(f, "name").ok_or_else(|| {
+        invalid(
+            format!("tools.{k}.function.name: Field required"),
+            Some("tools"),
+        )
+    })?;
     let mut tool = Map::new();
     tool.insert("name".into(), Value::String(name.to_owned()));
     if let Some(d) = f.get("description").filter(|d| d.is_string()) {
         tool.insert("description".into(), d.clone());
     }
-    let schema = f.get("parameters").filter(|s| s.is_object()).cloned().unwrap_or_else(empty_schema);
+    let schema = f
+        .get("parameters")
+        .filter(|s| s.is_object())
+        .cloned()
+        .unwrap_or_else(empty_schema);
     tool.insert("input_schema".into(), schema);
     Ok(Value::Object(tool))
 }
@@ -828,14 +994,22 @@ fn tool_choice_to_anthropic(c: &Value) -> Result<Value, TranslateError> {
             "auto" => Ok(json!({"type": "auto"})),
             "required" => Ok(json!({"type": "any"})),
             "none" => Ok(json!({"type": "none"})),
-            _ => Err(invalid("tool_choice: must be auto, required, none or a function", Some("tool_choice"))),
+            _ => Err(invalid(
+                "tool_choice: must be auto, required, none or a function",
+                Some("tool_choice"),
+            )),
         },
         Value::Object(_) if type_of(c) == Some("function") => {
             let name = c
                 .get("function")
                 .and_then(|f| f.get("name"))
                 .and_then(Value::as_str)
-                .ok_or_else(|| invalid("tool_choice.function.name: Field required", Some("tool_choice")))?;
+                .ok_or_else(|| {
+                    invalid(
+                        "tool_choice.function.name: Field required",
+                        Some("tool_choice"),
+                    )
+                })?;
             Ok(json!({"type": "tool", "name": name}))
         }
         _ => Err(invalid(
@@ -884,7 +1058,10 @@ mod tests {
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
         }));
         let out = anthropic_request_to_openai_chat(&req, "").unwrap();
-        assert_eq!(out["model"], "claude", "empty upstream model keeps the client's");
+        assert_eq!(
+            out["model"], "claude",
+            "empty upstream model keeps the client's"
+        );
         assert_eq!(
             out["messages"][0],
             json!({"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]})
@@ -918,10 +1095,15 @@ mod tests {
         ));
         assert!(msg.contains("max_tokens"));
         assert_eq!(param, Some("max_tokens"));
-        let (_, param) = err(anthropic_request_to_openai_chat(&obj(json!({"model": "c", "max_tokens": 3})), "m"));
+        let (_, param) = err(anthropic_request_to_openai_chat(
+            &obj(json!({"model": "c", "max_tokens": 3})),
+            "m",
+        ));
         assert_eq!(param, Some("messages"));
         let (msg, _) = err(anthropic_request_to_openai_chat(
-            &obj(json!({"model": "c", "max_tokens": 3, "messages": [{"role": "system", "content": "x"}]})),
+            &obj(
+                json!({"model": "c", "max_tokens": 3, "messages": [{"role": "system", "content": "x"}]}),
+            ),
             "m",
         ));
         assert!(msg.contains("messages.0.role"), "{msg}");
@@ -966,8 +1148,14 @@ mod tests {
         );
         // Back again: the same conversation.
         let back = openai_chat_request_to_anthropic(&out, "c").unwrap();
-        assert_eq!(back["tool_choice"], json!({"type": "any", "disable_parallel_tool_use": true}));
-        assert_eq!(back["tools"][0]["input_schema"], req["tools"][0]["input_schema"]);
+        assert_eq!(
+            back["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
+        assert_eq!(
+            back["tools"][0]["input_schema"],
+            req["tools"][0]["input_schema"]
+        );
         assert_eq!(
             back["messages"],
             json!([
@@ -1000,11 +1188,20 @@ mod tests {
             map(json!({"type": "tool", "name": "f"}))["tool_choice"],
             json!({"type": "function", "function": {"name": "f"}})
         );
-        assert!(map(json!({"type": "auto"})).get("parallel_tool_calls").is_none());
-        let (_, param) = err(anthropic_request_to_openai_chat(&base(json!({"type": "bogus"})), "m"));
+        assert!(
+            map(json!({"type": "auto"}))
+                .get("parallel_tool_calls")
+                .is_none()
+        );
+        let (_, param) = err(anthropic_request_to_openai_chat(
+            &base(json!({"type": "bogus"})),
+            "m",
+        ));
         assert_eq!(param, Some("tool_choice"));
         // No tools: neither tools nor tool_choice (OpenAI refuses both).
-        let req = obj(json!({"model": "c", "max_tokens": 1, "tools": [], "tool_choice": {"type": "auto"}, "messages": []}));
+        let req = obj(
+            json!({"model": "c", "max_tokens": 1, "tools": [], "tool_choice": {"type": "auto"}, "messages": []}),
+        );
         let out = anthropic_request_to_openai_chat(&req, "m").unwrap();
         assert!(out.get("tools").is_none() && out.get("tool_choice").is_none());
     }
@@ -1059,15 +1256,32 @@ mod tests {
         let back = openai_chat_request_to_anthropic(&out, "c").unwrap();
         assert_eq!(back["messages"], req["messages"]);
 
-        let bad = obj(json!({"model": "g", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "ftp://x"}}]}]}));
-        assert_eq!(err(openai_chat_request_to_anthropic(&bad, "c")).1, Some("messages"));
-        let bad = obj(json!({"model": "g", "messages": [{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]}));
-        assert!(err(openai_chat_request_to_anthropic(&bad, "c")).0.contains("input_audio"));
-        let bad = obj(json!({"model": "g", "messages": [{"role": "user", "content": [
-            {"type": "file", "file": {"file_id": "file-1"}}]}]}));
-        assert!(err(openai_chat_request_to_anthropic(&bad, "c")).0.contains("file ids"));
+        let bad = obj(
+            json!({"model": "g", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "ftp://x"}}]}]}),
+        );
+        assert_eq!(
+            err(openai_chat_request_to_anthropic(&bad, "c")).1,
+            Some("messages")
+        );
+        let bad = obj(
+            json!({"model": "g", "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]}),
+        );
+        assert!(
+            err(openai_chat_request_to_anthropic(&bad, "c"))
+                .0
+                .contains("input_audio")
+        );
+        let bad = obj(
+            json!({"model": "g", "messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"file_id": "file-1"}}]}]}),
+        );
+        assert!(
+            err(openai_chat_request_to_anthropic(&bad, "c"))
+                .0
+                .contains("file ids")
+        );
     }
 
     #[test]
@@ -1094,10 +1308,16 @@ mod tests {
             ]
         }));
         let out = openai_chat_request_to_anthropic(&req, "c").unwrap();
-        assert_eq!(out["system"], json!([{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]));
+        assert_eq!(
+            out["system"],
+            json!([{"type": "text", "text": "A"}, {"type": "text", "text": "B"}])
+        );
         assert_eq!(out["max_tokens"], 9, "max_completion_tokens wins");
         let req = obj(json!({"model": "g", "max_tokens": 7, "messages": []}));
-        assert_eq!(openai_chat_request_to_anthropic(&req, "c").unwrap()["max_tokens"], 7);
+        assert_eq!(
+            openai_chat_request_to_anthropic(&req, "c").unwrap()["max_tokens"],
+            7
+        );
     }
 
     #[test]
@@ -1114,10 +1334,19 @@ mod tests {
         assert_eq!(out["stop_sequences"], json!(["END"]));
         assert_eq!(out["stream"], true);
         assert_eq!(out["metadata"], json!({"user_id": "u"}));
-        for k in ["stream_options", "seed", "presence_penalty", "n", "response_format", "logprobs", "user"] {
+        for k in [
+            "stream_options",
+            "seed",
+            "presence_penalty",
+            "n",
+            "response_format",
+            "logprobs",
+            "user",
+        ] {
             assert!(out.get(k).is_none(), "{k} dropped");
         }
-        let req = obj(json!({"model": "g", "temperature": 0.3, "stop": ["a", "b"], "messages": []}));
+        let req =
+            obj(json!({"model": "g", "temperature": 0.3, "stop": ["a", "b"], "messages": []}));
         let out = openai_chat_request_to_anthropic(&req, "c").unwrap();
         assert_eq!(out["temperature"], 0.3);
         assert_eq!(out["stop_sequences"], json!(["a", "b"]));
@@ -1127,16 +1356,26 @@ mod tests {
     fn openai_meaning_changes_are_refused() {
         for (extra, param) in [
             (json!({"n": 2}), "n"),
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
             (json!({"logprobs": true}), "logprobs"),
             (json!({"modalities": ["text", "audio"]}), "modalities"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
             (json!({"function_call": "auto"}), "function_call"),
             (json!({"web_search_options": {}}), "web_search_options"),
-            (json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}), "tools"),
-            (json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "allowed_tools"}}), "tool_choice"),
+            (
+                json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}),
+                "tools",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "allowed_tools"}}),
+                "tool_choice",
+            ),
         ] {
-            let mut req = obj(json!({"model": "g", "messages": [{"role": "user", "content": "x"}]}));
+            let mut req =
+                obj(json!({"model": "g", "messages": [{"role": "user", "content": "x"}]}));
             req.extend(obj(extra.clone()));
             let (msg, p) = err(openai_chat_request_to_anthropic(&req, "c"));
             assert_eq!(p, Some(param), "{extra}: {msg}");
@@ -1168,7 +1407,10 @@ mod tests {
                 {"name": "g", "input_schema": {"type": "object", "properties": {}}}
             ])
         );
-        assert_eq!(out["tool_choice"], json!({"type": "auto", "disable_parallel_tool_use": true}));
+        assert_eq!(
+            out["tool_choice"],
+            json!({"type": "auto", "disable_parallel_tool_use": true})
+        );
         assert_eq!(
             out["messages"],
             json!([
@@ -1186,12 +1428,21 @@ mod tests {
         );
         let mut choice = req.clone();
         for (c, want) in [
-            (json!("required"), json!({"type": "any", "disable_parallel_tool_use": true})),
+            (
+                json!("required"),
+                json!({"type": "any", "disable_parallel_tool_use": true}),
+            ),
             (json!("none"), json!({"type": "none"})),
-            (json!({"type": "function", "function": {"name": "g"}}), json!({"type": "tool", "name": "g", "disable_parallel_tool_use": true})),
+            (
+                json!({"type": "function", "function": {"name": "g"}}),
+                json!({"type": "tool", "name": "g", "disable_parallel_tool_use": true}),
+            ),
         ] {
             choice.insert("tool_choice".into(), c);
-            assert_eq!(openai_chat_request_to_anthropic(&choice, "c").unwrap()["tool_choice"], want);
+            assert_eq!(
+                openai_chat_request_to_anthropic(&choice, "c").unwrap()["tool_choice"],
+                want
+            );
         }
     }
 
@@ -1201,11 +1452,24 @@ mod tests {
             {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1,2]"}}]}
         ]}));
         let (msg, _) = err(openai_chat_request_to_anthropic(&req, "c"));
-        assert!(msg.contains("messages.0.tool_calls.0.function.arguments"), "{msg}");
-        let req = obj(json!({"model": "g", "messages": [{"role": "function", "name": "f", "content": "x"}]}));
-        assert!(err(openai_chat_request_to_anthropic(&req, "c")).0.contains("legacy"));
+        assert!(
+            msg.contains("messages.0.tool_calls.0.function.arguments"),
+            "{msg}"
+        );
+        let req = obj(
+            json!({"model": "g", "messages": [{"role": "function", "name": "f", "content": "x"}]}),
+        );
+        assert!(
+            err(openai_chat_request_to_anthropic(&req, "c"))
+                .0
+                .contains("legacy")
+        );
         let req = obj(json!({"model": "g", "messages": [{"role": "tool", "content": "x"}]}));
-        assert!(err(openai_chat_request_to_anthropic(&req, "c")).0.contains("tool_call_id"));
+        assert!(
+            err(openai_chat_request_to_anthropic(&req, "c"))
+                .0
+                .contains("tool_call_id")
+        );
     }
 
     #[test]
@@ -1247,6 +1511,9 @@ mod tests {
             {"role": "user", "content": "b"}
         ]}));
         let out = openai_chat_request_to_anthropic(&req, "c").unwrap();
-        assert_eq!(out["messages"], json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]));
+        assert_eq!(
+            out["messages"],
+            json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+        );
     }
 }

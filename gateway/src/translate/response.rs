@@ -59,7 +59,10 @@ pub(crate) fn anthropic_usage_value(t: &TokenCounts) -> Value {
 /// joined into one text block; a refusal with no content becomes the text;
 /// `tool_calls` become `tool_use` blocks, whose arguments must be a JSON
 /// object.
-pub fn openai_chat_response_to_anthropic(resp: &Value, client_model: &str) -> Result<Value, TranslateError> {
+pub fn openai_chat_response_to_anthropic(
+    resp: &Value,
+    client_model: &str,
+) -> Result<Value, TranslateError> {
     let choice = resp
         .get("choices")
         .and_then(Value::as_array)
@@ -75,15 +78,24 @@ pub fn openai_chat_response_to_anthropic(resp: &Value, client_model: &str) -> Re
             .collect(),
         _ => String::new(),
     };
-    let refusal = message.get("refusal").and_then(Value::as_str).unwrap_or_default();
+    let refusal = message
+        .get("refusal")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let text = if text.is_empty() { refusal } else { &text };
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
-    let calls = message.get("tool_calls").and_then(Value::as_array).map_or(&[][..], Vec::as_slice);
+    let calls = message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
     for (k, c) in calls.iter().enumerate() {
         let f = c.get("function").unwrap_or(&Value::Null);
-        let args = f.get("arguments").and_then(Value::as_str).unwrap_or_default();
+        let args = f
+            .get("arguments")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let input = if args.trim().is_empty() {
             Value::Object(Map::new())
         } else {
@@ -91,7 +103,9 @@ pub fn openai_chat_response_to_anthropic(resp: &Value, client_model: &str) -> Re
                 Ok(v @ Value::Object(_)) => v,
                 _ => {
                     return Err(invalid(
-                        format!("the upstream's tool call {k} has arguments that are not a JSON object"),
+                        format!(
+                            "the upstream's tool call {k} has arguments that are not a JSON object"
+                        ),
                         None,
                     ));
                 }
@@ -127,7 +141,10 @@ pub fn openai_chat_response_to_anthropic(resp: &Value, client_model: &str) -> Re
 /// joined into `content` (null when there is none but tool calls);
 /// `tool_use` blocks become `tool_calls`; thinking and server-side blocks
 /// are left out.
-pub fn anthropic_response_to_openai_chat(resp: &Value, client_model: &str) -> Result<Value, TranslateError> {
+pub fn anthropic_response_to_openai_chat(
+    resp: &Value,
+    client_model: &str,
+) -> Result<Value, TranslateError> {
     let blocks = resp
         .get("content")
         .and_then(Value::as_array)
@@ -136,7 +153,9 @@ pub fn anthropic_response_to_openai_chat(resp: &Value, client_model: &str) -> Re
     let mut calls = Vec::new();
     for b in blocks {
         match b.get("type").and_then(Value::as_str) {
-            Some("text") => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default()),
+            Some("text") => {
+                text.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default())
+            }
             Some("tool_use") => {
                 let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
                 calls.push(json!({
@@ -268,7 +287,13 @@ mod tests {
         }));
         assert_eq!(
             t,
-            TokenCounts { input_tokens: 10, output_tokens: 7, cache_read_tokens: 5, cache_write_tokens: 3, reasoning_tokens: 0 }
+            TokenCounts {
+                input_tokens: 10,
+                output_tokens: 7,
+                cache_read_tokens: 5,
+                cache_write_tokens: 3,
+                reasoning_tokens: 0
+            }
         );
         let t = anthropic_usage_tokens(&json!({"output_tokens": 2, "input_tokens": null}));
         assert_eq!((t.input_tokens, t.output_tokens), (0, 2));
@@ -295,8 +320,21 @@ mod tests {
         );
         // The translated usage reads back as the same token kinds.
         let back = anthropic_usage_tokens(&out["usage"]);
-        let orig = serde_json::from_value::<OpenAiUsage>(resp["usage"].clone()).unwrap().tokens();
-        assert_eq!((back.input_tokens, back.cache_read_tokens, back.output_tokens), (orig.input_tokens, orig.cache_read_tokens, orig.output_tokens));
+        let orig = serde_json::from_value::<OpenAiUsage>(resp["usage"].clone())
+            .unwrap()
+            .tokens();
+        assert_eq!(
+            (
+                back.input_tokens,
+                back.cache_read_tokens,
+                back.output_tokens
+            ),
+            (
+                orig.input_tokens,
+                orig.cache_read_tokens,
+                orig.output_tokens
+            )
+        );
     }
 
     #[test]
@@ -331,7 +369,10 @@ mod tests {
     fn openai_edge_responses_to_anthropic() {
         let resp = json!({"choices": [{"finish_reason": "content_filter", "message": {"content": null, "refusal": "I can't."}}]});
         let out = openai_chat_response_to_anthropic(&resp, "m").unwrap();
-        assert_eq!(out["content"], json!([{"type": "text", "text": "I can't."}]));
+        assert_eq!(
+            out["content"],
+            json!([{"type": "text", "text": "I can't."}])
+        );
         assert_eq!(out["stop_reason"], "refusal");
         assert_eq!(out["usage"]["output_tokens"], 0, "no usage: zeros");
         assert!(out["id"].as_str().unwrap().starts_with("msg_"));
@@ -398,20 +439,43 @@ mod tests {
             (503, "overloaded_error"),
             (529, "overloaded_error"),
         ] {
-            assert_eq!(openai_error_to_anthropic(b"{}", status)["error"]["type"], ty, "{status}");
+            assert_eq!(
+                openai_error_to_anthropic(b"{}", status)["error"]["type"],
+                ty,
+                "{status}"
+            );
         }
-        assert_eq!(openai_error_to_anthropic(b"  bad gateway  ", 502)["error"]["message"], "bad gateway");
-        assert_eq!(openai_error_to_anthropic(b"", 503)["error"]["message"], "upstream error 503 Service Unavailable");
+        assert_eq!(
+            openai_error_to_anthropic(b"  bad gateway  ", 502)["error"]["message"],
+            "bad gateway"
+        );
+        assert_eq!(
+            openai_error_to_anthropic(b"", 503)["error"]["message"],
+            "upstream error 503 Service Unavailable"
+        );
 
-        let body = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let body =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(
             anthropic_error_to_openai(body, 529),
             json!({"error": {"message": "Overloaded", "type": "api_error", "param": null, "code": "overloaded"}})
         );
         let body = br#"{"type":"error","error":{"type":"not_found_error","message":"model: x"}}"#;
-        assert_eq!(anthropic_error_to_openai(body, 404)["error"]["code"], "not_found");
-        assert_eq!(anthropic_error_to_openai(b"oops", 401)["error"]["code"], "invalid_api_key");
-        assert_eq!(anthropic_error_to_openai(b"oops", 429)["error"]["type"], "requests");
-        assert_eq!(anthropic_error_to_openai(b"oops", 400)["error"]["message"], "oops");
+        assert_eq!(
+            anthropic_error_to_openai(body, 404)["error"]["code"],
+            "not_found"
+        );
+        assert_eq!(
+            anthropic_error_to_openai(b"oops", 401)["error"]["code"],
+            "invalid_api_key"
+        );
+        assert_eq!(
+            anthropic_error_to_openai(b"oops", 429)["error"]["type"],
+            "requests"
+        );
+        assert_eq!(
+            anthropic_error_to_openai(b"oops", 400)["error"]["message"],
+            "oops"
+        );
     }
 }

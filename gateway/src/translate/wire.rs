@@ -295,8 +295,14 @@ impl OutUsage {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OutBlock<'a> {
-    Text { text: &'a str },
-    ToolUse { id: &'a str, name: &'a str, input: EmptyObject },
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: EmptyObject,
+    },
 }
 
 /// Serializes as `{}`.
@@ -427,13 +433,20 @@ mod tests {
     fn written_events_put_type_first() {
         let ev = OutEvent::ContentBlockStart {
             index: 1,
-            content_block: OutBlock::ToolUse { id: "t", name: "f", input: EmptyObject {} },
+            content_block: OutBlock::ToolUse {
+                id: "t",
+                name: "f",
+                input: EmptyObject {},
+            },
         };
         assert_eq!(
             serde_json::to_string(&ev).unwrap(),
             r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}}"#
         );
-        assert_eq!(serde_json::to_string(&OutEvent::Ping).unwrap(), r#"{"type":"ping"}"#);
+        assert_eq!(
+            serde_json::to_string(&OutEvent::Ping).unwrap(),
+            r#"{"type":"ping"}"#
+        );
         let start = OutEvent::MessageStart {
             message: OutMessage {
                 id: "msg_1",
@@ -443,7 +456,10 @@ mod tests {
                 content: [],
                 stop_reason: None,
                 stop_sequence: None,
-                usage: OutUsage { output_tokens: 0, ..OutUsage::full(&TokenCounts::default()) },
+                usage: OutUsage {
+                    output_tokens: 0,
+                    ..OutUsage::full(&TokenCounts::default())
+                },
             },
         };
         assert_eq!(
@@ -454,27 +470,61 @@ mod tests {
 
     #[test]
     fn written_chunks_have_three_usage_states() {
-        let choice = [OutChoice { index: 0, delta: OutChunkDelta::default(), logprobs: None, finish_reason: Some("stop") }];
-        let mut chunk = OutChunk { id: "c", object: "chat.completion.chunk", created: 1, model: "m", choices: &choice, usage: None };
+        let choice = [OutChoice {
+            index: 0,
+            delta: OutChunkDelta::default(),
+            logprobs: None,
+            finish_reason: Some("stop"),
+        }];
+        let mut chunk = OutChunk {
+            id: "c",
+            object: "chat.completion.chunk",
+            created: 1,
+            model: "m",
+            choices: &choice,
+            usage: None,
+        };
         assert_eq!(
             serde_json::to_string(&chunk).unwrap(),
             r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#
         );
         chunk.usage = Some(None);
-        assert!(serde_json::to_string(&chunk).unwrap().ends_with(r#""usage":null}"#));
+        assert!(
+            serde_json::to_string(&chunk)
+                .unwrap()
+                .ends_with(r#""usage":null}"#)
+        );
     }
 
     #[test]
     fn usage_tracker_waits_for_final_counts() {
         let mut t = UsageTracker::default();
         assert!(t.complete().is_none());
-        t.on_start(&AnthropicUsage { input_tokens: Some(9), output_tokens: Some(1), cache_read_input_tokens: Some(2), cache_creation_input_tokens: None });
-        assert!(t.complete().is_none(), "a placeholder output count is not final");
-        t.on_delta(&AnthropicUsage { output_tokens: Some(5), ..AnthropicUsage::default() });
+        t.on_start(&AnthropicUsage {
+            input_tokens: Some(9),
+            output_tokens: Some(1),
+            cache_read_input_tokens: Some(2),
+            cache_creation_input_tokens: None,
+        });
+        assert!(
+            t.complete().is_none(),
+            "a placeholder output count is not final"
+        );
+        t.on_delta(&AnthropicUsage {
+            output_tokens: Some(5),
+            ..AnthropicUsage::default()
+        });
         let c = t.complete().unwrap();
-        assert_eq!((c.input_tokens, c.cache_read_tokens, c.output_tokens), (9, 2, 5));
+        assert_eq!(
+            (c.input_tokens, c.cache_read_tokens, c.output_tokens),
+            (9, 2, 5)
+        );
         let mut t = UsageTracker::default();
-        t.on_start(&AnthropicUsage { input_tokens: Some(3), output_tokens: Some(1), ..AnthropicUsage::default() });
+        t.on_start(&AnthropicUsage {
+            input_tokens: Some(3),
+            output_tokens: Some(1),
+            ..AnthropicUsage::default()
+        });
         t.on_stop();
         assert_eq!(t.complete().unwrap().input_tokens, 3);
     }
