@@ -11,12 +11,16 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tokio::time::Instant;
-use tollgate_schemas::events::{ApiFormat, CountSource, Event, EventMeta, RequestEvent, TokenCountEvent};
+use tollgate_schemas::events::{
+    ApiFormat, CountSource, Event, EventMeta, RequestEvent, TokenCountEvent,
+};
 
 use crate::app::{App, RequestId};
 use crate::config::ProviderKind;
 use crate::error::{ApiStyle, GatewayError};
-use crate::pipeline::{self, Surface, authenticate, model_of, parse_object, read_body, resolve_model};
+use crate::pipeline::{
+    self, Surface, authenticate, model_of, parse_object, read_body, resolve_model,
+};
 use crate::{events, tokens};
 
 pub async fn messages(
@@ -48,10 +52,16 @@ pub async fn count_tokens(
         let model = model_of(&req)?;
         model_seen = Some(model.clone());
         if !req.get("messages").is_some_and(Value::is_array) {
-            return Err(GatewayError::bad_request("messages: Field required (an array)", Some("messages")));
+            return Err(GatewayError::bad_request(
+                "messages: Field required (an array)",
+                Some("messages"),
+            ));
         }
         resolve_model(&app, &key, &model)?;
-        let version = headers.get("anthropic-version").and_then(|v| v.to_str().ok()).unwrap_or("2023-06-01");
+        let version = headers
+            .get("anthropic-version")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("2023-06-01");
         let (n, source) = match upstream_count(&app, &model, &req, version).await {
             Some(n) => (n, CountSource::Upstream),
             None => (tokens::estimate_request_input(&req), CountSource::Tokenizer),
@@ -71,7 +81,10 @@ pub async fn count_tokens(
         Ok(r) => (r, None),
         Err(e) => {
             let ty = e.type_name(ApiStyle::Anthropic);
-            (e.into_response_for(ApiStyle::Anthropic), Some(ty.to_owned()))
+            (
+                e.into_response_for(ApiStyle::Anthropic),
+                Some(ty.to_owned()),
+            )
         }
     };
     pipeline::record_request(
@@ -95,8 +108,18 @@ pub async fn count_tokens(
 
 /// The count from the first Anthropic deployment of the model that answers;
 /// `None` (use the tokenizer) when the model has none or it fails.
-async fn upstream_count(app: &App, model: &str, req: &serde_json::Map<String, Value>, version: &str) -> Option<u64> {
-    for d in app.router.plan(model).into_iter().filter(|d| d.provider == ProviderKind::Anthropic) {
+async fn upstream_count(
+    app: &App,
+    model: &str,
+    req: &serde_json::Map<String, Value>,
+    version: &str,
+) -> Option<u64> {
+    for d in app
+        .router
+        .plan(model)
+        .into_iter()
+        .filter(|d| d.provider == ProviderKind::Anthropic)
+    {
         if !d.breaker.allow() {
             continue;
         }

@@ -152,25 +152,41 @@ async fn readyz(State(app): State<App>) -> Response {
         "spool_full": app.publisher.spool_full(),
         "models": app.router.names.len(),
     });
-    let status = if bus.is_ok() && !app.publisher.spool_full() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if bus.is_ok() && !app.publisher.spool_full() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<App>) -> Response {
     metrics::gauge!("tollgate_gateway_spool_events").set(app.publisher.spool_depth() as f64);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         app.metrics.render(),
     )
         .into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let style = if req.uri().path().starts_with("/v1/messages") { ApiStyle::Anthropic } else { ApiStyle::OpenAi };
+    let style = if req.uri().path().starts_with("/v1/messages") {
+        ApiStyle::Anthropic
+    } else {
+        ApiStyle::OpenAi
+    };
     GatewayError::MethodNotAllowed(req.method().to_string()).into_response_for(style)
 }
 
 async fn fallback(req: Request) -> Response {
-    let style = if req.uri().path().starts_with("/v1/messages") { ApiStyle::Anthropic } else { ApiStyle::OpenAi };
-    GatewayError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())).into_response_for(style)
+    let style = if req.uri().path().starts_with("/v1/messages") {
+        ApiStyle::Anthropic
+    } else {
+        ApiStyle::OpenAi
+    };
+    GatewayError::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+        .into_response_for(style)
 }

@@ -64,14 +64,18 @@ impl KeyStore {
                 };
                 match next {
                     Some(Ok(entry)) => match entry.operation {
-                        kv::Operation::Put => match serde_json::from_slice::<KeyRecord>(&entry.value) {
-                            Ok(rec) => self.cache.insert(entry.key, Arc::new(rec)).await,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "unreadable key record; evicting");
-                                self.cache.invalidate(&entry.key).await;
+                        kv::Operation::Put => {
+                            match serde_json::from_slice::<KeyRecord>(&entry.value) {
+                                Ok(rec) => self.cache.insert(entry.key, Arc::new(rec)).await,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "unreadable key record; evicting");
+                                    self.cache.invalidate(&entry.key).await;
+                                }
                             }
-                        },
-                        kv::Operation::Delete | kv::Operation::Purge => self.cache.invalidate(&entry.key).await,
+                        }
+                        kv::Operation::Delete | kv::Operation::Purge => {
+                            self.cache.invalidate(&entry.key).await
+                        }
                     },
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "keys watch error; re-subscribing");
@@ -116,7 +120,9 @@ impl KeyStore {
     pub async fn put(&self, secret: &str, mut record: KeyRecord) -> anyhow::Result<()> {
         let hash = secret_hash(secret);
         record.secret_sha256 = hash.clone();
-        self.kv.put(&hash, serde_json::to_vec(&record)?.into()).await?;
+        self.kv
+            .put(&hash, serde_json::to_vec(&record)?.into())
+            .await?;
         self.cache.invalidate(&hash).await;
         Ok(())
     }
@@ -139,14 +145,24 @@ pub fn check_usable(record: &KeyRecord) -> Result<(), GatewayError> {
 /// The secret from `Authorization: Bearer`, `X-API-Key` or `x-api-key`
 /// (header names are case-insensitive, so the last two are one).
 pub fn presented_secret(headers: &axum::http::HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
-        if let Some(rest) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
+        if let Some(rest) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+        {
             let rest = rest.trim();
             if !rest.is_empty() {
                 return Some(rest);
             }
         }
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }

@@ -92,7 +92,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect_ms: default_connect_ms(), attempt_ms: default_attempt_ms(), total_ms: default_total_ms() }
+        Self {
+            connect_ms: default_connect_ms(),
+            attempt_ms: default_attempt_ms(),
+            total_ms: default_total_ms(),
+        }
     }
 }
 
@@ -109,7 +113,10 @@ pub struct BreakerConfig {
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        Self { failures: default_breaker_failures(), open_ms: default_breaker_open_ms() }
+        Self {
+            failures: default_breaker_failures(),
+            open_ms: default_breaker_open_ms(),
+        }
     }
 }
 
@@ -122,7 +129,9 @@ pub struct SpoolConfig {
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        Self { max_bytes: default_spool_max_bytes() }
+        Self {
+            max_bytes: default_spool_max_bytes(),
+        }
     }
 }
 
@@ -137,7 +146,10 @@ pub struct PricesConfig {
 
 impl PricesConfig {
     pub fn book(&self) -> PriceBook {
-        PriceBook { version: self.version, models: self.models.clone() }
+        PriceBook {
+            version: self.version,
+            models: self.models.clone(),
+        }
     }
 }
 
@@ -273,15 +285,23 @@ impl Config {
             }
             for d in &m.deployments {
                 if !(d.base_url.starts_with("http://") || d.base_url.starts_with("https://")) {
-                    return bad(format!("models.{}.deployments.{}.base_url: must be http(s)", m.name, d.name));
+                    return bad(format!(
+                        "models.{}.deployments.{}.base_url: must be http(s)",
+                        m.name, d.name
+                    ));
                 }
                 if d.weight == 0 {
-                    return bad(format!("models.{}.deployments.{}.weight: must be > 0", m.name, d.name));
+                    return bad(format!(
+                        "models.{}.deployments.{}.weight: must be > 0",
+                        m.name, d.name
+                    ));
                 }
             }
         }
         for (model, price) in &self.prices.models {
-            price.validate().map_err(|e| ConfigError::Invalid(format!("prices.models.{model}: {e}")))?;
+            price
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("prices.models.{model}: {e}")))?;
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes: must be > 0".into());
@@ -296,7 +316,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = Config::from_toml("listen = \"127.0.0.1:1\"\nlisten_typo = 1").unwrap_err().to_string();
+        let err = Config::from_toml("listen = \"127.0.0.1:1\"\nlisten_typo = 1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_typo"), "{err}");
     }
 

@@ -54,17 +54,27 @@ pub enum GatewayError {
     #[error("this API key may not use the model `{0}`")]
     ModelNotAllowed(String),
     #[error("{message}")]
-    BadRequest { message: String, param: Option<&'static str> },
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("request body is larger than the {0}-byte limit")]
     PayloadTooLarge(usize),
     #[error("rate limit reached: {}; retry after {}s", .limit.describe(), .retry_after.as_secs().max(1))]
-    RateLimited { limit: LimitKind, retry_after: Duration, headers: HeaderMap },
+    RateLimited {
+        limit: LimitKind,
+        retry_after: Duration,
+        headers: HeaderMap,
+    },
     #[error("no route for {0}")]
     RouteNotFound(String),
     #[error("{message}")]
     Upstream { status: StatusCode, message: String },
     #[error("{message}")]
-    UpstreamRateLimited { retry_after: Duration, message: String },
+    UpstreamRateLimited {
+        retry_after: Duration,
+        message: String,
+    },
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
     #[error("the gateway is not accepting work right now: {0}")]
@@ -75,7 +85,10 @@ pub enum GatewayError {
 
 impl GatewayError {
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self::BadRequest { message: message.into(), param }
+        Self::BadRequest {
+            message: message.into(),
+            param,
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -104,7 +117,9 @@ impl GatewayError {
             Self::BadRequest { .. } => ("invalid_request_error", None),
             Self::PayloadTooLarge(_) => ("invalid_request_error", Some("request_too_large")),
             Self::RateLimited { limit, .. } => match limit {
-                LimitKind::Tokens | LimitKind::GlobalTokens => ("tokens", Some("rate_limit_exceeded")),
+                LimitKind::Tokens | LimitKind::GlobalTokens => {
+                    ("tokens", Some("rate_limit_exceeded"))
+                }
                 _ => ("requests", Some("rate_limit_exceeded")),
             },
             Self::RouteNotFound(_) => ("invalid_request_error", Some("unknown_url")),
@@ -122,7 +137,9 @@ impl GatewayError {
             Self::MissingKey | Self::InvalidKey(_) => "authentication_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
-            Self::BadRequest { .. } | Self::PayloadTooLarge(_) | Self::MethodNotAllowed(_) => "invalid_request_error",
+            Self::BadRequest { .. } | Self::PayloadTooLarge(_) | Self::MethodNotAllowed(_) => {
+                "invalid_request_error"
+            }
             Self::RateLimited { .. } | Self::UpstreamRateLimited { .. } => "rate_limit_error",
             Self::Unavailable(_) => "overloaded_error",
             Self::Upstream { status, .. } if status.as_u16() == 529 => "overloaded_error",
@@ -164,7 +181,11 @@ impl GatewayError {
         };
         let mut resp = (status, axum::Json(body)).into_response();
         let retry = match self {
-            Self::RateLimited { retry_after, headers, .. } => {
+            Self::RateLimited {
+                retry_after,
+                headers,
+                ..
+            } => {
                 resp.headers_mut().extend(headers);
                 Some(retry_after)
             }
@@ -174,7 +195,8 @@ impl GatewayError {
         if let Some(retry_after) = retry {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert(HeaderName::from_static("retry-after"), v);
+                resp.headers_mut()
+                    .insert(HeaderName::from_static("retry-after"), v);
             }
         }
         resp

@@ -28,12 +28,20 @@ pub fn traceparent(headers: &HeaderMap) -> String {
     if let Some(v) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
         let parts: Vec<&str> = v.split('-').collect();
         let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if parts.len() == 4 && hex(parts[0], 2) && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2)
+        if parts.len() == 4
+            && hex(parts[0], 2)
+            && hex(parts[1], 32)
+            && hex(parts[2], 16)
+            && hex(parts[3], 2)
             && parts[1] != "00000000000000000000000000000000"
         {
             return v.to_ascii_lowercase();
         }
     }
     let mut rng = rand::rng();
-    format!("00-{:032x}-{:016x}-01", rng.random::<u128>() | 1, rng.random::<u64>() | 1)
+    format!(
+        "00-{:032x}-{:016x}-01",
+        rng.random::<u128>() | 1,
+        rng.random::<u64>() | 1
+    )
 }

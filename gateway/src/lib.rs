@@ -4,13 +4,13 @@
 //!
 //! `main.rs` is thin; [`run`] is the testable entry point.
 
+pub mod anthropic;
 pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod limits;
-pub mod anthropic;
 pub mod openai;
 pub mod pipeline;
 pub mod proxy;

@@ -27,12 +27,17 @@ struct Bucket {
 impl Bucket {
     fn new(per_minute: u64) -> Self {
         let capacity = per_minute as f64;
-        Self { capacity, level: capacity, last: Instant::now() }
+        Self {
+            capacity,
+            level: capacity,
+            last: Instant::now(),
+        }
     }
 
     fn refill(&mut self, now: Instant) {
         let rate = self.capacity / 60.0;
-        self.level = (self.level + rate * now.duration_since(self.last).as_secs_f64()).min(self.capacity);
+        self.level =
+            (self.level + rate * now.duration_since(self.last).as_secs_f64()).min(self.capacity);
         self.last = now;
     }
 
@@ -64,7 +69,12 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    pub fn new(rpm: Option<u32>, tpm: Option<u64>, max_concurrency: Option<u32>, global: bool) -> Self {
+    pub fn new(
+        rpm: Option<u32>,
+        tpm: Option<u64>,
+        max_concurrency: Option<u32>,
+        global: bool,
+    ) -> Self {
         Self {
             rpm: rpm.map(|r| (r, Mutex::new(Bucket::new(r.into())))),
             tpm: tpm.map(|t| (t, Mutex::new(Bucket::new(t)))),
@@ -101,7 +111,9 @@ impl Limiter {
                 return Err(self.refusal(LimitKind::Concurrency, Duration::from_secs(1)));
             }
         }
-        let permit = Permit { limiter: Some(self.clone()) };
+        let permit = Permit {
+            limiter: Some(self.clone()),
+        };
         let now = Instant::now();
         // Each guard is dropped before `refusal` reads the buckets again.
         if let Some((_, b)) = &self.rpm {
@@ -129,7 +141,11 @@ impl Limiter {
     }
 
     fn refusal(&self, limit: LimitKind, retry_after: Duration) -> GatewayError {
-        GatewayError::RateLimited { limit: self.kind(limit), retry_after, headers: self.headers() }
+        GatewayError::RateLimited {
+            limit: self.kind(limit),
+            retry_after,
+            headers: self.headers(),
+        }
     }
 
     /// `x-ratelimit-*` headers describing this limiter now.
@@ -145,22 +161,34 @@ impl Limiter {
             let mut b = b.lock();
             b.refill(now);
             put("x-ratelimit-limit-requests", limit.to_string());
-            put("x-ratelimit-remaining-requests", (b.level.max(0.0).floor() as u64).to_string());
+            put(
+                "x-ratelimit-remaining-requests",
+                (b.level.max(0.0).floor() as u64).to_string(),
+            );
             let reset = (b.capacity - b.level) / (b.capacity / 60.0);
-            put("x-ratelimit-reset-requests", format!("{:.0}s", reset.ceil()));
+            put(
+                "x-ratelimit-reset-requests",
+                format!("{:.0}s", reset.ceil()),
+            );
         }
         if let Some((limit, b)) = &self.tpm {
             let mut b = b.lock();
             b.refill(now);
             put("x-ratelimit-limit-tokens", limit.to_string());
-            put("x-ratelimit-remaining-tokens", (b.level.max(0.0).floor() as u64).to_string());
+            put(
+                "x-ratelimit-remaining-tokens",
+                (b.level.max(0.0).floor() as u64).to_string(),
+            );
             let reset = (b.capacity - b.level) / (b.capacity / 60.0);
             put("x-ratelimit-reset-tokens", format!("{:.0}s", reset.ceil()));
         }
         if let Some(max) = self.max_concurrency {
             put("x-ratelimit-limit-concurrency", max.to_string());
             let used = self.inflight.load(Ordering::Acquire);
-            put("x-ratelimit-remaining-concurrency", max.saturating_sub(used).to_string());
+            put(
+                "x-ratelimit-remaining-concurrency",
+                max.saturating_sub(used).to_string(),
+            );
         }
         h
     }
@@ -175,9 +203,10 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(l) = self.limiter.take()
-            && l.max_concurrency.is_some() {
-                l.inflight.fetch_sub(1, Ordering::AcqRel);
-            }
+            && l.max_concurrency.is_some()
+        {
+            l.inflight.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -194,7 +223,12 @@ impl Limits {
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_secs(300))
                 .build(),
-            global: Arc::new(Limiter::new(global.rpm, global.tpm, global.max_concurrency, true)),
+            global: Arc::new(Limiter::new(
+                global.rpm,
+                global.tpm,
+                global.max_concurrency,
+                true,
+            )),
         }
     }
 
@@ -203,8 +237,13 @@ impl Limits {
         if key.rpm.is_none() && key.tpm.is_none() && key.max_concurrency.is_none() {
             return None;
         }
-        let cache_key = format!("{}:{:?}:{:?}:{:?}", key.key_id, key.rpm, key.tpm, key.max_concurrency);
-        Some(self.keys.get_with(cache_key, || Arc::new(Limiter::new(key.rpm, key.tpm, key.max_concurrency, false))))
+        let cache_key = format!(
+            "{}:{:?}:{:?}:{:?}",
+            key.key_id, key.rpm, key.tpm, key.max_concurrency
+        );
+        Some(self.keys.get_with(cache_key, || {
+            Arc::new(Limiter::new(key.rpm, key.tpm, key.max_concurrency, false))
+        }))
     }
 }
 
@@ -218,9 +257,15 @@ mod tests {
         let _a = l.admit(0).unwrap();
         let _b = l.admit(0).unwrap();
         match l.admit(0) {
-            Err(GatewayError::RateLimited { limit, retry_after, headers }) => {
+            Err(GatewayError::RateLimited {
+                limit,
+                retry_after,
+                headers,
+            }) => {
                 assert_eq!(limit, LimitKind::Requests);
-                assert!(retry_after > Duration::from_secs(20) && retry_after <= Duration::from_secs(30));
+                assert!(
+                    retry_after > Duration::from_secs(20) && retry_after <= Duration::from_secs(30)
+                );
                 assert_eq!(headers["x-ratelimit-limit-requests"], "2");
                 assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
             }
@@ -232,7 +277,13 @@ mod tests {
     fn concurrency_slot_is_released_on_drop() {
         let l = Arc::new(Limiter::new(None, None, Some(1), false));
         let p = l.admit(0).unwrap();
-        assert!(matches!(l.admit(0), Err(GatewayError::RateLimited { limit: LimitKind::Concurrency, .. })));
+        assert!(matches!(
+            l.admit(0),
+            Err(GatewayError::RateLimited {
+                limit: LimitKind::Concurrency,
+                ..
+            })
+        ));
         drop(p);
         assert!(l.admit(0).is_ok());
     }
@@ -242,6 +293,12 @@ mod tests {
         let l = Arc::new(Limiter::new(None, Some(100), None, false));
         drop(l.admit(50).unwrap());
         l.settle_tokens(50, 100); // used the whole minute's budget
-        assert!(matches!(l.admit(10), Err(GatewayError::RateLimited { limit: LimitKind::Tokens, .. })));
+        assert!(matches!(
+            l.admit(10),
+            Err(GatewayError::RateLimited {
+                limit: LimitKind::Tokens,
+                ..
+            })
+        ));
     }
 }

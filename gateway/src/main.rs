@@ -9,7 +9,10 @@ use tollgate_gateway::{Config, auth::KeyStore, telemetry};
 use tollgate_schemas::records::KeyRecord;
 
 #[derive(Parser)]
-#[command(name = "tollgate-gateway", about = "Tollgate's OpenAI- and Anthropic-compatible gateway")]
+#[command(
+    name = "tollgate-gateway",
+    about = "Tollgate's OpenAI- and Anthropic-compatible gateway"
+)]
 struct Cli {
     /// TOML config; `TOLLGATE__SECTION__KEY` environment variables override it.
     #[arg(long, env = "TOLLGATE_GATEWAY_CONFIG")]
@@ -54,7 +57,10 @@ enum Command {
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 #[tokio::main]
@@ -75,7 +81,19 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(config).await,
-        Command::PutKey { secret, tenant, key_id, name, models, rpm, tpm, max_concurrency, expires_at, disabled, revoked } => {
+        Command::PutKey {
+            secret,
+            tenant,
+            key_id,
+            name,
+            models,
+            rpm,
+            tpm,
+            max_concurrency,
+            expires_at,
+            disabled,
+            revoked,
+        } => {
             if !valid_id(&tenant) || !valid_id(&key_id) {
                 eprintln!("tenant and key ids must match [A-Za-z0-9_-]{{1,64}}");
                 return ExitCode::from(2);
@@ -116,7 +134,10 @@ async fn put_key(config: &Config, secret: &str, record: KeyRecord) -> anyhow::Re
     let names = tollgate_schemas::Names::namespaced(&config.nats.namespace);
     let client = async_nats::connect(&config.nats.url).await?;
     let js = async_nats::jetstream::new(client);
-    KeyStore::open(&js, &names.kv_keys).await?.put(secret, record).await
+    KeyStore::open(&js, &names.kv_keys)
+        .await?
+        .put(secret, record)
+        .await
 }
 
 async fn shutdown_signal() {

@@ -44,21 +44,32 @@ fn model_object(id: &str) -> Value {
 }
 
 fn may_use(key: &KeyRecord, model: &str) -> bool {
-    key.models.as_ref().is_none_or(|m| m.iter().any(|x| x == model))
+    key.models
+        .as_ref()
+        .is_none_or(|m| m.iter().any(|x| x == model))
 }
 
 pub async fn list_models(State(app): State<App>, headers: HeaderMap) -> Response {
     match authenticate(&app, &headers).await {
         Ok(key) => {
-            let data: Vec<Value> =
-                app.router.names.iter().filter(|m| may_use(&key, m)).map(|m| model_object(m)).collect();
+            let data: Vec<Value> = app
+                .router
+                .names
+                .iter()
+                .filter(|m| may_use(&key, m))
+                .map(|m| model_object(m))
+                .collect();
             axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
         }
         Err(e) => e.into_response_for(ApiStyle::OpenAi),
     }
 }
 
-pub async fn get_model(State(app): State<App>, headers: HeaderMap, Path(model): Path<String>) -> Response {
+pub async fn get_model(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Response {
     let result = async {
         let key = authenticate(&app, &headers).await?;
         resolve_model(&app, &key, &model)?;

@@ -21,7 +21,9 @@ use futures::Stream;
 use futures::stream::BoxStream;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
-use tollgate_schemas::events::{ApiFormat, Event, EventMeta, RequestEvent, TokenCounts, UsageEvent};
+use tollgate_schemas::events::{
+    ApiFormat, Event, EventMeta, RequestEvent, TokenCounts, UsageEvent,
+};
 use tollgate_schemas::records::KeyRecord;
 
 use crate::app::{App, RequestId};
@@ -102,7 +104,13 @@ struct Ctx {
 }
 
 /// Runs one model request through the pipeline.
-pub async fn handle(app: App, rid: RequestId, headers: HeaderMap, body: Body, surface: Surface) -> Response {
+pub async fn handle(
+    app: App,
+    rid: RequestId,
+    headers: HeaderMap,
+    body: Body,
+    surface: Surface,
+) -> Response {
     let mut ctx = Ctx {
         traceparent: events::traceparent(&headers),
         app,
@@ -138,7 +146,9 @@ pub async fn handle(app: App, rid: RequestId, headers: HeaderMap, body: Body, su
             route: surface.route().into(),
             model: ctx.model.clone(),
             status,
-            error_type: error_type.map(str::to_owned).or_else(|| (status >= 400).then(|| "upstream_error".to_owned())),
+            error_type: error_type
+                .map(str::to_owned)
+                .or_else(|| (status >= 400).then(|| "upstream_error".to_owned())),
             streamed: ctx.streamed,
             latency_ms: ctx.started.elapsed().as_millis() as u64,
             deployment: ctx.deployment.clone(),
@@ -163,8 +173,10 @@ pub fn record_request(app: &App, traceparent: &str, event: RequestEvent) {
 
 /// Reads the body within the size limit.
 pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, GatewayError> {
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > max) {
         return Err(GatewayError::PayloadTooLarge(max));
     }
@@ -181,8 +193,14 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<By
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, GatewayError> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(GatewayError::bad_request("the request body must be a JSON object", None)),
-        Err(e) => Err(GatewayError::bad_request(format!("We could not parse the JSON body of your request. ({e})"), None)),
+        Ok(_) => Err(GatewayError::bad_request(
+            "the request body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(GatewayError::bad_request(
+            format!("We could not parse the JSON body of your request. ({e})"),
+            None,
+        )),
     }
 }
 
@@ -198,7 +216,11 @@ pub fn resolve_model(app: &App, key: &KeyRecord, model: &str) -> Result<(), Gate
     if !app.router.contains(model) {
         return Err(GatewayError::ModelNotFound(model.to_owned()));
     }
-    if key.models.as_ref().is_some_and(|allowed| !allowed.iter().any(|m| m == model)) {
+    if key
+        .models
+        .as_ref()
+        .is_some_and(|allowed| !allowed.iter().any(|m| m == model))
+    {
         return Err(GatewayError::ModelNotAllowed(model.to_owned()));
     }
     Ok(())
@@ -208,7 +230,10 @@ pub fn resolve_model(app: &App, key: &KeyRecord, model: &str) -> Result<(), Gate
 pub fn model_of(req: &Map<String, Value>) -> Result<String, GatewayError> {
     match req.get("model") {
         Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
-        _ => Err(GatewayError::bad_request("you must provide a model parameter", Some("model"))),
+        _ => Err(GatewayError::bad_request(
+            "you must provide a model parameter",
+            Some("model"),
+        )),
     }
 }
 
@@ -226,7 +251,12 @@ fn validate(surface: Surface, req: &Map<String, Value>) -> Result<bool, GatewayE
                     return Err(bad("each message must be an object", "messages"));
                 }
             }
-            Some(Value::Array(_)) => return Err(bad("'messages' must contain at least one message", "messages")),
+            Some(Value::Array(_)) => {
+                return Err(bad(
+                    "'messages' must contain at least one message",
+                    "messages",
+                ));
+            }
             Some(_) => return Err(bad("'messages' must be an array", "messages")),
             None => return Err(bad("you must provide 'messages'", "messages")),
         },
@@ -242,15 +272,27 @@ fn validate(surface: Surface, req: &Map<String, Value>) -> Result<bool, GatewayE
         },
     }
     if surface == Surface::Messages && !req.get("max_tokens").is_some_and(Value::is_u64) {
-        return Err(bad("max_tokens: Field required (a positive integer)", "max_tokens"));
+        return Err(bad(
+            "max_tokens: Field required (a positive integer)",
+            "max_tokens",
+        ));
     }
     for field in ["max_tokens", "max_completion_tokens", "n"] {
         if req.get(field).is_some_and(|v| !(v.is_null() || v.is_u64())) {
-            return Err(bad(format!("'{field}' must be a non-negative integer"), "max_tokens"));
+            return Err(bad(
+                format!("'{field}' must be a non-negative integer"),
+                "max_tokens",
+            ));
         }
     }
-    if req.get("temperature").is_some_and(|t| !(t.is_null() || t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t)))) {
-        return Err(bad("'temperature' must be a number between 0 and 2", "temperature"));
+    if req
+        .get("temperature")
+        .is_some_and(|t| !(t.is_null() || t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t))))
+    {
+        return Err(bad(
+            "'temperature' must be a number between 0 and 2",
+            "temperature",
+        ));
     }
     let stream = match req.get("stream") {
         None | Some(Value::Null) => false,
@@ -264,9 +306,14 @@ fn validate(surface: Surface, req: &Map<String, Value>) -> Result<bool, GatewayE
         None | Some(Value::Null) => {}
         Some(Value::Object(o)) => {
             if !stream {
-                return Err(bad("'stream_options' is only allowed when 'stream' is true", "stream_options"));
+                return Err(bad(
+                    "'stream_options' is only allowed when 'stream' is true",
+                    "stream_options",
+                ));
             }
-            if o.get("include_usage").is_some_and(|v| !v.is_boolean() && !v.is_null()) {
+            if o.get("include_usage")
+                .is_some_and(|v| !v.is_boolean() && !v.is_null())
+            {
                 return Err(bad("'include_usage' must be a boolean", "stream_options"));
             }
         }
@@ -290,7 +337,11 @@ impl Admission {
     }
 }
 
-fn admit(app: &App, key: &KeyRecord, req: &Map<String, Value>) -> Result<(Admission, HeaderMap), GatewayError> {
+fn admit(
+    app: &App,
+    key: &KeyRecord,
+    req: &Map<String, Value>,
+) -> Result<(Admission, HeaderMap), GatewayError> {
     let mut limiters = Vec::new();
     if !app.limits.global.is_unlimited() {
         limiters.push(app.limits.global.clone());
@@ -298,13 +349,24 @@ fn admit(app: &App, key: &KeyRecord, req: &Map<String, Value>) -> Result<(Admiss
     if let Some(l) = app.limits.for_key(key) {
         limiters.push(l);
     }
-    let estimate = if limiters.iter().any(|l| l.has_tpm()) { tokens::estimate_request_input(req) } else { 0 };
+    let estimate = if limiters.iter().any(|l| l.has_tpm()) {
+        tokens::estimate_request_input(req)
+    } else {
+        0
+    };
     let mut permits = Vec::with_capacity(limiters.len());
     for l in &limiters {
         permits.push(l.admit(estimate)?);
     }
     let headers = limiters.last().map(|l| l.headers()).unwrap_or_default();
-    Ok((Admission { limiters, _permits: permits, estimate }, headers))
+    Ok((
+        Admission {
+            limiters,
+            _permits: permits,
+            estimate,
+        },
+        headers,
+    ))
 }
 
 /// The request in each wire format a deployment of the plan needs.
@@ -313,10 +375,17 @@ struct Bodies {
     anthropic: Option<Map<String, Value>>,
 }
 
-fn bodies(surface: Surface, req: &Map<String, Value>, plan: &[Arc<Deployment>], stream: bool) -> Result<Bodies, GatewayError> {
+fn bodies(
+    surface: Surface,
+    req: &Map<String, Value>,
+    plan: &[Arc<Deployment>],
+    stream: bool,
+) -> Result<Bodies, GatewayError> {
     let needs = |p: ProviderKind| plan.iter().any(|d| d.provider == p);
     let invalid = |e: translate::TranslateError| match e {
-        translate::TranslateError::Invalid { message, param } => GatewayError::BadRequest { message, param },
+        translate::TranslateError::Invalid { message, param } => {
+            GatewayError::BadRequest { message, param }
+        }
     };
     let openai = if !needs(ProviderKind::Openai) {
         None
@@ -324,7 +393,9 @@ fn bodies(surface: Surface, req: &Map<String, Value>, plan: &[Arc<Deployment>], 
         let mut m = req.clone();
         if stream {
             // Always ask for usage; stripped again if the client did not.
-            let opts = m.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+            let opts = m
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
             match opts {
                 Value::Object(o) => {
                     o.insert("include_usage".into(), Value::Bool(true));
@@ -344,7 +415,10 @@ fn bodies(surface: Surface, req: &Map<String, Value>, plan: &[Arc<Deployment>], 
         Some(translate::openai_chat_request_to_anthropic(req, "").map_err(invalid)?)
     } else {
         return Err(GatewayError::bad_request(
-            format!("{} is not available for this model: it is served by an Anthropic deployment", surface.route()),
+            format!(
+                "{} is not available for this model: it is served by an Anthropic deployment",
+                surface.route()
+            ),
             None,
         ));
     };
@@ -367,13 +441,20 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
     }
     let (admission, limit_headers) = admit(&app, &key, &req)?;
     let client_wants_usage = stream
-        && req.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+        && req
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
 
     let plan = app.router.plan(&model);
     let bodies = bodies(ctx.surface, &req, &plan, stream)?;
     let forward = forwarded_headers(headers, &plan);
-    let anthropic_version =
-        headers.get("anthropic-version").and_then(|v| v.to_str().ok()).unwrap_or("2023-06-01").to_owned();
+    let anthropic_version = headers
+        .get("anthropic-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("2023-06-01")
+        .to_owned();
     let body_for = |d: &Deployment| -> Bytes {
         let base = match d.provider {
             ProviderKind::Openai => bodies.openai.as_ref(),
@@ -389,7 +470,12 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
     let deadline = ctx.started + Duration::from_millis(timeouts.total_ms);
     let upstream = proxy::send(
         &plan,
-        &proxy::Outbound { path: &path_for, body: &body_for, forward: &forward, anthropic_version: &anthropic_version },
+        &proxy::Outbound {
+            path: &path_for,
+            body: &body_for,
+            forward: &forward,
+            anthropic_version: &anthropic_version,
+        },
         Duration::from_millis(timeouts.attempt_ms),
         deadline,
     )
@@ -409,7 +495,12 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
         admission,
     };
     if stream && upstream.response.status().is_success() {
-        Ok(stream_response(done, upstream.response, client_wants_usage, limit_headers))
+        Ok(stream_response(
+            done,
+            upstream.response,
+            client_wants_usage,
+            limit_headers,
+        ))
     } else {
         plain_response(done, upstream.response, limit_headers).await
     }
@@ -457,7 +548,11 @@ impl Finish {
         let cost = book.cost(&self.model, &tokens);
         self.admission.settle(tokens.total());
         let event = Event::Usage(UsageEvent {
-            meta: EventMeta::new(self.key.tenant_id.clone(), self.key.key_id.clone(), self.rid.0.as_ref()),
+            meta: EventMeta::new(
+                self.key.tenant_id.clone(),
+                self.key.key_id.clone(),
+                self.rid.0.as_ref(),
+            ),
             api: self.surface.api(),
             requested_model: self.model.clone(),
             model: served.unwrap_or_else(|| self.deployment.upstream_model.clone()),
@@ -513,7 +608,9 @@ fn plain_usage(provider: ProviderKind, body: &Value) -> (Option<TokenCounts>, Op
     let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
     let usage = match (provider, body.get("usage")) {
         (_, None | Some(Value::Null)) => None,
-        (ProviderKind::Openai, Some(u)) => serde_json::from_value::<OpenAiUsage>(u.clone()).ok().map(|u| u.tokens()),
+        (ProviderKind::Openai, Some(u)) => serde_json::from_value::<OpenAiUsage>(u.clone())
+            .ok()
+            .map(|u| u.tokens()),
         (ProviderKind::Anthropic, Some(u)) => Some(translate::anthropic_usage_tokens(u)),
     };
     (usage, model)
@@ -522,21 +619,45 @@ fn plain_usage(provider: ProviderKind, body: &Value) -> (Option<TokenCounts>, Op
 /// Generated text of a plain body in either format, for estimates.
 fn plain_text(body: &Value) -> String {
     let mut out = String::new();
-    for c in body.get("choices").and_then(Value::as_array).into_iter().flatten() {
-        let msg = c.get("message").and_then(|m| m.get("content")).and_then(Value::as_str);
-        out.push_str(msg.or_else(|| c.get("text").and_then(Value::as_str)).unwrap_or_default());
+    for c in body
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let msg = c
+            .get("message")
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str);
+        out.push_str(
+            msg.or_else(|| c.get("text").and_then(Value::as_str))
+                .unwrap_or_default(),
+        );
     }
-    for b in body.get("content").and_then(Value::as_array).into_iter().flatten() {
+    for b in body
+        .get("content")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         out.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default());
     }
     out
 }
 
-async fn plain_response(done: Finish, resp: reqwest::Response, limit_headers: HeaderMap) -> Result<Response, GatewayError> {
+async fn plain_response(
+    done: Finish,
+    resp: reqwest::Response,
+    limit_headers: HeaderMap,
+) -> Result<Response, GatewayError> {
     let status = resp.status();
     let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
     let bytes = resp.bytes().await.map_err(|e| GatewayError::Upstream {
-        status: if e.is_timeout() { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY },
+        status: if e.is_timeout() {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        },
         message: "the upstream response was cut off".into(),
     })?;
     let provider = done.deployment.provider;
@@ -557,10 +678,20 @@ async fn plain_response(done: Finish, resp: reqwest::Response, limit_headers: He
         bytes
     } else {
         let translated = match (status.is_success(), provider, &parsed) {
-            (true, ProviderKind::Openai, Some(v)) => translate::openai_chat_response_to_anthropic(v, &done.model).ok(),
-            (true, ProviderKind::Anthropic, Some(v)) => translate::anthropic_response_to_openai_chat(v, &done.model).ok(),
-            (false, ProviderKind::Openai, _) => Some(translate::openai_error_to_anthropic(&bytes, status.as_u16())),
-            (false, ProviderKind::Anthropic, _) => Some(translate::anthropic_error_to_openai(&bytes, status.as_u16())),
+            (true, ProviderKind::Openai, Some(v)) => {
+                translate::openai_chat_response_to_anthropic(v, &done.model).ok()
+            }
+            (true, ProviderKind::Anthropic, Some(v)) => {
+                translate::anthropic_response_to_openai_chat(v, &done.model).ok()
+            }
+            (false, ProviderKind::Openai, _) => Some(translate::openai_error_to_anthropic(
+                &bytes,
+                status.as_u16(),
+            )),
+            (false, ProviderKind::Anthropic, _) => Some(translate::anthropic_error_to_openai(
+                &bytes,
+                status.as_u16(),
+            )),
             _ => None,
         };
         match translated {
@@ -583,7 +714,10 @@ async fn plain_response(done: Finish, resp: reqwest::Response, limit_headers: He
                 h.insert(header::CONTENT_TYPE, ct);
             }
             _ => {
-                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
             }
         }
         done.common_headers(h);
@@ -591,24 +725,39 @@ async fn plain_response(done: Finish, resp: reqwest::Response, limit_headers: He
             h.insert("x-tollgate-cost", v);
         }
     }
-    out.body(Body::from(client_body)).map_err(|e| GatewayError::Internal(e.to_string()))
+    out.body(Body::from(client_body))
+        .map_err(|e| GatewayError::Internal(e.to_string()))
 }
 
 fn translator(done: &Finish, client_wants_usage: bool) -> Box<dyn StreamTranslator> {
     match (done.surface.native(), done.deployment.provider) {
-        (ProviderKind::Openai, ProviderKind::Openai) => Box::new(OpenAiRelay::new(client_wants_usage)),
-        (ProviderKind::Anthropic, ProviderKind::Anthropic) => Box::new(translate::AnthropicPassthrough::new()),
-        (ProviderKind::Anthropic, ProviderKind::Openai) => Box::new(translate::OpenAiToAnthropicStream::new(&done.model)),
-        (ProviderKind::Openai, ProviderKind::Anthropic) => {
-            Box::new(translate::AnthropicToOpenAiStream::new(&done.model, client_wants_usage))
+        (ProviderKind::Openai, ProviderKind::Openai) => {
+            Box::new(OpenAiRelay::new(client_wants_usage))
         }
+        (ProviderKind::Anthropic, ProviderKind::Anthropic) => {
+            Box::new(translate::AnthropicPassthrough::new())
+        }
+        (ProviderKind::Anthropic, ProviderKind::Openai) => {
+            Box::new(translate::OpenAiToAnthropicStream::new(&done.model))
+        }
+        (ProviderKind::Openai, ProviderKind::Anthropic) => Box::new(
+            translate::AnthropicToOpenAiStream::new(&done.model, client_wants_usage),
+        ),
     }
 }
 
-fn stream_response(done: Finish, resp: reqwest::Response, client_wants_usage: bool, limit_headers: HeaderMap) -> Response {
+fn stream_response(
+    done: Finish,
+    resp: reqwest::Response,
+    client_wants_usage: bool,
+    limit_headers: HeaderMap,
+) -> Response {
     let mut headers = limit_headers;
     done.common_headers(&mut headers);
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     let relay = StreamRelay {
         upstream: Box::pin(resp.bytes_stream()),
@@ -638,7 +787,9 @@ struct StreamRelay {
 
 impl StreamRelay {
     fn finish(&mut self) {
-        let Some(done) = self.finish.take() else { return };
+        let Some(done) = self.finish.take() else {
+            return;
+        };
         let (tokens, estimated) = match self.translator.usage() {
             Some(t) => (t, false),
             None => (done.estimate(self.translator.text()), true),
@@ -701,7 +852,8 @@ impl Stream for StreamRelay {
 
 /// The error event a client gets when the upstream cuts a stream off.
 fn stream_error(style: Option<ApiStyle>) -> Bytes {
-    const MESSAGE: &str = "the upstream connection was cut off mid-stream; the response is incomplete";
+    const MESSAGE: &str =
+        "the upstream connection was cut off mid-stream; the response is incomplete";
     match style {
         Some(ApiStyle::Anthropic) => {
             let v = serde_json::json!({"type": "error", "error": {"type": "api_error", "message": MESSAGE}});

@@ -64,7 +64,11 @@ pub async fn send(
                     continue;
                 }
                 d.breaker.record_success();
-                return Ok(Upstream { deployment: d.clone(), response: resp, retries });
+                return Ok(Upstream {
+                    deployment: d.clone(),
+                    response: resp,
+                    retries,
+                });
             }
             Err(e) => {
                 d.breaker.record_failure();
@@ -80,7 +84,8 @@ pub async fn send(
     if last.is_none() && !skipped_open.is_empty() {
         return Err(GatewayError::Upstream {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "every deployment of this model is failing (circuit open); retry shortly".into(),
+            message: "every deployment of this model is failing (circuit open); retry shortly"
+                .into(),
         });
     }
     Err(last.unwrap_or(GatewayError::Upstream {
@@ -94,7 +99,13 @@ pub async fn send(
 /// model mapping are wrong (the caller's key and model were already checked).
 fn is_failure_status(s: StatusCode) -> bool {
     s.is_server_error()
-        || matches!(s, StatusCode::TOO_MANY_REQUESTS | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND)
+        || matches!(
+            s,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::NOT_FOUND
+        )
 }
 
 async fn attempt(
@@ -137,7 +148,10 @@ async fn attempt(
         }),
         Ok(Err(e)) => {
             tracing::warn!(deployment = %d.name, error = %e, "upstream transport error");
-            Err(GatewayError::Upstream { status: StatusCode::BAD_GATEWAY, message: "could not reach the upstream".into() })
+            Err(GatewayError::Upstream {
+                status: StatusCode::BAD_GATEWAY,
+                message: "could not reach the upstream".into(),
+            })
         }
         Ok(Ok(resp)) => Ok(resp),
     }
@@ -157,19 +171,26 @@ async fn map_status(status: StatusCode, resp: reqwest::Response) -> GatewayError
     if status == StatusCode::TOO_MANY_REQUESTS {
         return GatewayError::UpstreamRateLimited {
             retry_after: Duration::from_secs(retry_after),
-            message: format!("the upstream is rate limiting (retry after {retry_after}s): {detail}"),
+            message: format!(
+                "the upstream is rate limiting (retry after {retry_after}s): {detail}"
+            ),
         };
     }
     if status.is_client_error() {
         tracing::error!(%status, %detail, "upstream refused the gateway's credentials or model mapping");
         return GatewayError::Upstream {
             status: StatusCode::BAD_GATEWAY,
-            message: format!("the upstream refused the gateway's request ({status}); this is a gateway configuration problem"),
+            message: format!(
+                "the upstream refused the gateway's request ({status}); this is a gateway configuration problem"
+            ),
         };
     }
     let status = match status.as_u16() {
         503 | 504 => status,
         _ => StatusCode::BAD_GATEWAY,
     };
-    GatewayError::Upstream { status, message: format!("upstream failed: {detail}") }
+    GatewayError::Upstream {
+        status,
+        message: format!("upstream failed: {detail}"),
+    }
 }

@@ -40,14 +40,19 @@ pub struct Deployment {
 impl Deployment {
     /// Does this deployment take the client header `name` (lowercase)?
     pub fn forwards(&self, name: &str) -> bool {
-        self.forward_headers.iter().any(|p| name.starts_with(p.as_str()))
+        self.forward_headers
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
     }
 }
 
 impl std::fmt::Debug for Deployment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the upstream key.
-        f.debug_struct("Deployment").field("name", &self.name).field("base_url", &self.base_url).finish()
+        f.debug_struct("Deployment")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .finish()
     }
 }
 
@@ -116,7 +121,8 @@ impl Breaker {
     pub fn record_failure(&self) {
         let n = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         let state = self.state();
-        if state == BreakerState::HalfOpen || (state == BreakerState::Closed && n >= self.threshold) {
+        if state == BreakerState::HalfOpen || (state == BreakerState::Closed && n >= self.threshold)
+        {
             self.opened_at.store(self.now_ms(), Ordering::Release);
             tracing::warn!(failures = n, "circuit breaker opened");
         }
@@ -140,7 +146,11 @@ impl Router {
             for d in &m.deployments {
                 let api_key = match &d.api_key_env {
                     Some(var) => Some(std::env::var(var).map_err(|_| {
-                        anyhow::anyhow!("models.{}.deployments.{}: environment variable {var} is not set", m.name, d.name)
+                        anyhow::anyhow!(
+                            "models.{}.deployments.{}: environment variable {var} is not set",
+                            m.name,
+                            d.name
+                        )
                     })?),
                     None => None,
                 };
@@ -153,7 +163,11 @@ impl Router {
                     upstream_model: d.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
                     weight: d.weight,
                     priority: d.priority,
-                    forward_headers: d.forward_headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    forward_headers: d
+                        .forward_headers
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
                     client: http_client(&config.timeouts)?,
                     breaker: Breaker::new(&config.breaker),
                 }));
@@ -170,7 +184,9 @@ impl Router {
 
     /// The deployments to try for `model`, in order.
     pub fn plan(&self, model: &str) -> Vec<Arc<Deployment>> {
-        let Some(deps) = self.models.get(model) else { return Vec::new() };
+        let Some(deps) = self.models.get(model) else {
+            return Vec::new();
+        };
         let mut rng = rand::rng();
         // Weighted shuffle: sort by u^(1/w) descending (Efraimidis–Spirakis).
         let mut keyed: Vec<(u32, bool, f64, Arc<Deployment>)> = deps
@@ -178,7 +194,12 @@ impl Router {
             .map(|d| {
                 let u: f64 = rng.random_range(f64::EPSILON..1.0);
                 let open = d.breaker.state() == BreakerState::Open;
-                (d.priority, open, u.powf(1.0 / f64::from(d.weight)), d.clone())
+                (
+                    d.priority,
+                    open,
+                    u.powf(1.0 / f64::from(d.weight)),
+                    d.clone(),
+                )
             })
             .collect();
         keyed.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)).then(b.2.total_cmp(&a.2)));
@@ -202,7 +223,10 @@ mod tests {
     #[test]
     #[allow(clippy::disallowed_methods)] // a plain thread sleep in a sync unit test
     fn breaker_opens_half_opens_and_closes() {
-        let b = Breaker::new(&BreakerConfig { failures: 2, open_ms: 50 });
+        let b = Breaker::new(&BreakerConfig {
+            failures: 2,
+            open_ms: 50,
+        });
         assert!(b.allow());
         b.record_failure();
         assert_eq!(b.state(), BreakerState::Closed);

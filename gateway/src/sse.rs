@@ -33,7 +33,11 @@ impl SseFramer {
             if self.buf[pos] == b'\r' && pos + 1 == self.buf.len() {
                 break;
             }
-            let skip = if self.buf[pos] == b'\r' && self.buf.get(pos + 1) == Some(&b'\n') { 2 } else { 1 };
+            let skip = if self.buf[pos] == b'\r' && self.buf.get(pos + 1) == Some(&b'\n') {
+                2
+            } else {
+                1
+            };
             let line = self.buf.split_to(pos + skip);
             self.line(&line[..pos], out);
         }
@@ -100,13 +104,19 @@ pub struct CompletionDetails {
 impl OpenAiUsage {
     /// ARCHITECTURE.md's token kinds: input excludes cache reads.
     pub fn tokens(&self) -> TokenCounts {
-        let cached = self.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0);
+        let cached = self
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
         TokenCounts {
             input_tokens: self.prompt_tokens.saturating_sub(cached),
             output_tokens: self.completion_tokens,
             cache_read_tokens: cached,
             cache_write_tokens: 0,
-            reasoning_tokens: self.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+            reasoning_tokens: self
+                .completion_tokens_details
+                .and_then(|d| d.reasoning_tokens)
+                .unwrap_or(0),
         }
     }
 }
@@ -169,7 +179,10 @@ pub struct OpenAiRelay {
 
 impl OpenAiRelay {
     pub fn new(client_wants_usage: bool) -> Self {
-        Self { client_wants_usage, ..Default::default() }
+        Self {
+            client_wants_usage,
+            ..Default::default()
+        }
     }
 
     /// Handles one upstream event; appends what the client gets to `out`.
@@ -235,7 +248,8 @@ impl OpenAiRelay {
 /// Removes the `"usage":null` member OpenAI adds to every chunk when usage
 /// was requested, so a client that did not ask sees what OpenAI sends it.
 fn strip_usage_null(data: &str) -> String {
-    data.replacen(",\"usage\":null", "", 1).replacen("\"usage\":null,", "", 1)
+    data.replacen(",\"usage\":null", "", 1)
+        .replacen("\"usage\":null,", "", 1)
 }
 
 /// Frames and relays a whole byte sequence (tests and benchmarks).
@@ -275,7 +289,15 @@ mod tests {
         let s = upstream_stream();
         let (out, relay) = relay_all(&[s.as_bytes()], true);
         let t = relay.usage.unwrap().tokens();
-        assert_eq!((t.input_tokens, t.cache_read_tokens, t.output_tokens, t.reasoning_tokens), (5, 4, 3, 1));
+        assert_eq!(
+            (
+                t.input_tokens,
+                t.cache_read_tokens,
+                t.output_tokens,
+                t.reasoning_tokens
+            ),
+            (5, 4, 3, 1)
+        );
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.contains("\"choices\":[],\"usage\":{"));
         assert!(text.ends_with("data: [DONE]\n\n"));

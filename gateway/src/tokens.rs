@@ -64,7 +64,15 @@ fn count_value(v: &Value) -> u64 {
         Value::Array(a) => a.iter().map(count_value).sum(),
         Value::Object(o) => o
             .iter()
-            .map(|(k, v)| if k == "text" || k == "content" || k == "arguments" { count_value(v) } else if k == "type" { 0 } else { count_value(v) })
+            .map(|(k, v)| {
+                if k == "text" || k == "content" || k == "arguments" {
+                    count_value(v)
+                } else if k == "type" {
+                    0
+                } else {
+                    count_value(v)
+                }
+            })
             .sum(),
         Value::Null | Value::Bool(_) | Value::Number(_) => 0,
     }

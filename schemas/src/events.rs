@@ -76,7 +76,11 @@ pub struct EventMeta {
 
 impl EventMeta {
     /// A fresh id and the current time.
-    pub fn new(tenant_id: impl Into<String>, key_id: impl Into<String>, request_id: impl Into<String>) -> Self {
+    pub fn new(
+        tenant_id: impl Into<String>,
+        key_id: impl Into<String>,
+        request_id: impl Into<String>,
+    ) -> Self {
         Self {
             id: Uuid::now_v7(),
             schema_version: SCHEMA_VERSION.to_owned(),
@@ -257,8 +261,17 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
     let to_value = |s: schemars::Schema| s.to_value();
     vec![
         ("event.schema.json", to_value(schemars::schema_for!(Event))),
-        ("request.schema.json", to_value(schemars::schema_for!(RequestEvent))),
-        ("usage.schema.json", to_value(schemars::schema_for!(UsageEvent))),
-        ("token_count.schema.json", to_value(schemars::schema_for!(TokenCountEvent))),
+        (
+            "request.schema.json",
+            to_value(schemars::schema_for!(RequestEvent)),
+        ),
+        (
+            "usage.schema.json",
+            to_value(schemars::schema_for!(UsageEvent)),
+        ),
+        (
+            "token_count.schema.json",
+            to_value(schemars::schema_for!(TokenCountEvent)),
+        ),
     ]
 }

@@ -11,7 +11,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 
 /// Opens `bucket`, creating it if missing.
-pub async fn ensure(js: &jetstream::Context, bucket: &str, history: i64) -> Result<kv::Store, crate::bus::BusError> {
+pub async fn ensure(
+    js: &jetstream::Context,
+    bucket: &str,
+    history: i64,
+) -> Result<kv::Store, crate::bus::BusError> {
     use crate::bus::{BusError, BusErrorKind};
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
@@ -29,10 +33,16 @@ pub async fn ensure(js: &jetstream::Context, bucket: &str, history: i64) -> Resu
         num_replicas: 1,
         ..Default::default()
     };
-    js.get_or_create_stream(config)
-        .await
-        .map_err(|e| BusError::new(BusErrorKind::Config, format!("create KV bucket {bucket}: {e}")))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| BusError::new(BusErrorKind::Unavailable, format!("open KV bucket {bucket}: {e}")))
+    js.get_or_create_stream(config).await.map_err(|e| {
+        BusError::new(
+            BusErrorKind::Config,
+            format!("create KV bucket {bucket}: {e}"),
+        )
+    })?;
+    js.get_key_value(bucket).await.map_err(|e| {
+        BusError::new(
+            BusErrorKind::Unavailable,
+            format!("open KV bucket {bucket}: {e}"),
+        )
+    })
 }

@@ -24,7 +24,11 @@ pub enum Step {
     /// A DDL statement; `{db}` is replaced by the database name.
     Sql(&'static str),
     /// `ALTER TABLE {db}.table ADD COLUMN column type`, skipped if present.
-    AddColumn { table: &'static str, column: &'static str, ty: &'static str },
+    AddColumn {
+        table: &'static str,
+        column: &'static str,
+        ty: &'static str,
+    },
 }
 
 pub struct Migration {
@@ -274,7 +278,11 @@ fn check_db(db: &str) -> Result<(), MigrationError> {
         && db.len() <= 64
         && db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !db.starts_with(|c: char| c.is_ascii_digit());
-    if ok { Ok(()) } else { Err(MigrationError::BadDatabase(db.to_owned())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(MigrationError::BadDatabase(db.to_owned()))
+    }
 }
 
 /// Applies every migration not yet recorded in `{db}.schema_migrations`.
@@ -282,7 +290,10 @@ fn check_db(db: &str) -> Result<(), MigrationError> {
 /// default database set that does not exist yet.
 pub async fn apply(client: &Client, db: &str) -> Result<Vec<u32>, MigrationError> {
     check_db(db)?;
-    client.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
+    client
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+        .execute()
+        .await?;
     client
         .query(&format!(
             "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
@@ -292,16 +303,26 @@ pub async fn apply(client: &Client, db: &str) -> Result<Vec<u32>, MigrationError
         .execute()
         .await?;
     let done: Vec<u32> = client
-        .query(&format!("SELECT DISTINCT version FROM {db}.schema_migrations"))
+        .query(&format!(
+            "SELECT DISTINCT version FROM {db}.schema_migrations"
+        ))
         .fetch_all()
         .await?;
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
-        let wrap = |source| MigrationError::Step { version: m.version, name: m.name, source };
+        let wrap = |source| MigrationError::Step {
+            version: m.version,
+            name: m.name,
+            source,
+        };
         for step in m.steps {
             match step {
                 Step::Sql(sql) => {
-                    client.query(&sql.replace("{db}", db)).execute().await.map_err(wrap)?;
+                    client
+                        .query(&sql.replace("{db}", db))
+                        .execute()
+                        .await
+                        .map_err(wrap)?;
                 }
                 Step::AddColumn { table, column, ty } => {
                     let present: u64 = client
@@ -314,7 +335,9 @@ pub async fn apply(client: &Client, db: &str) -> Result<Vec<u32>, MigrationError
                         .map_err(wrap)?;
                     if present == 0 {
                         client
-                            .query(&format!("ALTER TABLE {db}.{table} ADD COLUMN {column} {ty}"))
+                            .query(&format!(
+                                "ALTER TABLE {db}.{table} ADD COLUMN {column} {ty}"
+                            ))
                             .execute()
                             .await
                             .map_err(wrap)?;
@@ -358,8 +381,19 @@ mod tests {
         for m in MIGRATIONS {
             for s in m.steps {
                 if let Step::Sql(sql) = s {
-                    for banned in ["LowCardinality", "DateTime64", "Map(", "JSON", " TTL ", "IF NOT EXISTS ADD"] {
-                        assert!(!sql.contains(banned), "migration {} uses {banned}", m.version);
+                    for banned in [
+                        "LowCardinality",
+                        "DateTime64",
+                        "Map(",
+                        "JSON",
+                        " TTL ",
+                        "IF NOT EXISTS ADD",
+                    ] {
+                        assert!(
+                            !sql.contains(banned),
+                            "migration {} uses {banned}",
+                            m.version
+                        );
                     }
                 }
             }

@@ -28,8 +28,7 @@ pub fn to_ch_decimal(d: Decimal) -> Result<i128, MoneyError> {
         return Err(MoneyError::TooPrecise(d));
     }
     let mut scaled = normalized;
-    scaled
-        .rescale(CH_SCALE);
+    scaled.rescale(CH_SCALE);
     if scaled.scale() != CH_SCALE {
         return Err(MoneyError::Overflow(d));
     }
@@ -52,7 +51,10 @@ mod tests {
     fn round_trips_at_scale_12() {
         for s in ["0", "1.5", "0.000000000001", "123456.789012345678", "-3.25"] {
             let d = Decimal::from_str(s).unwrap();
-            assert_eq!(from_ch_decimal(to_ch_decimal(d).unwrap()).unwrap(), d.normalize());
+            assert_eq!(
+                from_ch_decimal(to_ch_decimal(d).unwrap()).unwrap(),
+                d.normalize()
+            );
         }
     }
 

@@ -108,11 +108,20 @@ mod tests {
     fn namespaces_never_overlap_production() {
         let p = Names::production();
         let t = Names::namespaced("t1");
-        assert_eq!(p.event_subject(EventKind::Usage, "acme"), "tollgate.events.usage.acme");
-        assert_eq!(t.event_subject(EventKind::Usage, "acme"), "t1.tollgate.events.usage.acme");
+        assert_eq!(
+            p.event_subject(EventKind::Usage, "acme"),
+            "tollgate.events.usage.acme"
+        );
+        assert_eq!(
+            t.event_subject(EventKind::Usage, "acme"),
+            "t1.tollgate.events.usage.acme"
+        );
         assert_ne!(p.events_stream, t.events_stream);
         assert_ne!(p.kv_keys, t.kv_keys);
-        assert_eq!(t.kind_of_subject("t1.tollgate.events.usage.acme"), Some(EventKind::Usage));
+        assert_eq!(
+            t.kind_of_subject("t1.tollgate.events.usage.acme"),
+            Some(EventKind::Usage)
+        );
         assert_eq!(p.kind_of_subject("t1.tollgate.events.usage.acme"), None);
         assert_eq!(
             p.deadletter_subject("tollgate.events.usage.acme"),

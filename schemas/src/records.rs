@@ -55,9 +55,17 @@ pub struct ModelPrice {
     pub input_per_million: Decimal,
     #[serde(with = "rust_decimal::serde::str")]
     pub output_per_million: Decimal,
-    #[serde(default, with = "rust_decimal::serde::str_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cache_read_per_million: Option<Decimal>,
-    #[serde(default, with = "rust_decimal::serde::str_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cache_write_per_million: Option<Decimal>,
 }
 
@@ -67,8 +75,14 @@ impl ModelPrice {
     pub fn cost(&self, t: &TokenCounts) -> Decimal {
         let per_million = Decimal::from(t.input_tokens) * self.input_per_million
             + Decimal::from(t.output_tokens) * self.output_per_million
-            + Decimal::from(t.cache_read_tokens) * self.cache_read_per_million.unwrap_or(self.input_per_million)
-            + Decimal::from(t.cache_write_tokens) * self.cache_write_per_million.unwrap_or(self.input_per_million);
+            + Decimal::from(t.cache_read_tokens)
+                * self
+                    .cache_read_per_million
+                    .unwrap_or(self.input_per_million)
+            + Decimal::from(t.cache_write_tokens)
+                * self
+                    .cache_write_per_million
+                    .unwrap_or(self.input_per_million);
         (per_million / Decimal::from(1_000_000u32)).normalize()
     }
 
@@ -102,7 +116,10 @@ pub struct PriceBook {
 impl PriceBook {
     /// Cost of `tokens` on `model` at this version; zero for an unpriced model.
     pub fn cost(&self, model: &str, tokens: &TokenCounts) -> Decimal {
-        self.models.get(model).map(|p| p.cost(tokens)).unwrap_or(Decimal::ZERO)
+        self.models
+            .get(model)
+            .map(|p| p.cost(tokens))
+            .unwrap_or(Decimal::ZERO)
     }
 }
 
@@ -122,7 +139,13 @@ mod tests {
     #[test]
     fn cost_is_exact() {
         let p = price("0.15", "0.6");
-        let t = TokenCounts { input_tokens: 7, output_tokens: 3, cache_read_tokens: 1, cache_write_tokens: 2, reasoning_tokens: 1 };
+        let t = TokenCounts {
+            input_tokens: 7,
+            output_tokens: 3,
+            cache_read_tokens: 1,
+            cache_write_tokens: 2,
+            reasoning_tokens: 1,
+        };
         // 7*0.15 + 3*0.6 + 1*0.075 + 2*0.15 = 1.05 + 1.8 + 0.075 + 0.3 = 3.225 per million
         assert_eq!(p.cost(&t), "0.000003225".parse::<Decimal>().unwrap());
         assert!(crate::money::to_ch_decimal(p.cost(&t)).is_ok());
@@ -136,7 +159,8 @@ mod tests {
 
     #[test]
     fn key_json_defaults_to_unrestricted() {
-        let k: KeyRecord = serde_json::from_str(r#"{"key_id":"k","tenant_id":"t","secret_sha256":"ab"}"#).unwrap();
+        let k: KeyRecord =
+            serde_json::from_str(r#"{"key_id":"k","tenant_id":"t","secret_sha256":"ab"}"#).unwrap();
         assert!(k.models.is_none() && k.rpm.is_none() && !k.disabled && k.budget.is_none());
     }
 }

@@ -38,7 +38,14 @@ fn json_schemas_are_current() {
 }
 
 fn arb_meta() -> impl Strategy<Value = EventMeta> {
-    (any::<u128>(), 0i64..4_000_000_000, "[a-z0-9_-]{1,16}", "[a-z0-9]{0,12}", "[a-zA-Z0-9-]{1,36}", 0u32..1000)
+    (
+        any::<u128>(),
+        0i64..4_000_000_000,
+        "[a-z0-9_-]{1,16}",
+        "[a-z0-9]{0,12}",
+        "[a-zA-Z0-9-]{1,36}",
+        0u32..1000,
+    )
         .prop_map(|(id, secs, tenant, key, req, nanos_ms)| EventMeta {
             id: Uuid::from_u128(id),
             schema_version: SCHEMA_VERSION.into(),
@@ -60,13 +67,20 @@ fn arb_api() -> impl Strategy<Value = ApiFormat> {
 }
 
 fn arb_tokens() -> impl Strategy<Value = TokenCounts> {
-    (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(a, b, c, d, e)| TokenCounts {
-        input_tokens: a.into(),
-        output_tokens: b.into(),
-        cache_read_tokens: c.into(),
-        cache_write_tokens: d.into(),
-        reasoning_tokens: e.into(),
-    })
+    (
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(a, b, c, d, e)| TokenCounts {
+            input_tokens: a.into(),
+            output_tokens: b.into(),
+            cache_read_tokens: c.into(),
+            cache_write_tokens: d.into(),
+            reasoning_tokens: e.into(),
+        })
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
@@ -83,26 +97,34 @@ fn arb_event() -> impl Strategy<Value = Event> {
         any::<u64>(),
         (any::<i64>(), 0u32..=12),
     )
-        .prop_map(|(meta, api, model, tokens, estimated, streamed, status, latency, ttft, pv, (m, s))| {
-            Event::Usage(UsageEvent {
-                meta,
-                api,
-                requested_model: model.clone(),
-                model,
-                provider: "openai".into(),
-                deployment: "d1".into(),
-                tokens,
-                estimated,
-                streamed,
-                status,
-                latency_ms: latency.into(),
-                ttft_ms: ttft.map(u64::from),
-                retries: 0,
-                price_version: pv,
-                cost: Decimal::new(m, s),
-            })
-        });
-    let request = (arb_meta(), arb_api(), proptest::option::of("[a-z-]{1,10}"), 100u16..600, any::<bool>())
+        .prop_map(
+            |(meta, api, model, tokens, estimated, streamed, status, latency, ttft, pv, (m, s))| {
+                Event::Usage(UsageEvent {
+                    meta,
+                    api,
+                    requested_model: model.clone(),
+                    model,
+                    provider: "openai".into(),
+                    deployment: "d1".into(),
+                    tokens,
+                    estimated,
+                    streamed,
+                    status,
+                    latency_ms: latency.into(),
+                    ttft_ms: ttft.map(u64::from),
+                    retries: 0,
+                    price_version: pv,
+                    cost: Decimal::new(m, s),
+                })
+            },
+        );
+    let request = (
+        arb_meta(),
+        arb_api(),
+        proptest::option::of("[a-z-]{1,10}"),
+        100u16..600,
+        any::<bool>(),
+    )
         .prop_map(|(meta, api, model, status, streamed)| {
             Event::Request(RequestEvent {
                 meta,
@@ -177,7 +199,9 @@ fn readers_ignore_unknown_fields_and_accept_minor_versions() {
     v["schema_version"] = "1.7".into();
     v["a_field_from_the_future"] = serde_json::json!({"x": 1});
     let e = Event::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
-    let Event::Usage(u) = e else { panic!("not usage") };
+    let Event::Usage(u) = e else {
+        panic!("not usage")
+    };
     assert_eq!(u.cost, "0.0000125".parse::<Decimal>().unwrap());
     assert_eq!(u.tokens.input_tokens, 10);
 }

@@ -65,11 +65,21 @@ pub async fn start_mock() -> Service {
         .await?;
         Ok(())
     });
-    Service { addr, stop: Some(tx), task: Some(task) }
+    Service {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    }
 }
 
 /// The demo models against `mock_url`, plus `extra` TOML appended.
-pub fn gateway_config(env: &TestEnv, nats_url: &str, mock_url: &str, data_dir: &std::path::Path, extra: &str) -> Config {
+pub fn gateway_config(
+    env: &TestEnv,
+    nats_url: &str,
+    mock_url: &str,
+    data_dir: &std::path::Path,
+    extra: &str,
+) -> Config {
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -139,7 +149,11 @@ pub async fn start_gateway(config: Config) -> Service {
     let task = tokio::spawn(tollgate_gateway::run(listener, config, async {
         let _ = rx.await;
     }));
-    let mut svc = Service { addr, stop: Some(tx), task: Some(task) };
+    let mut svc = Service {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    };
     let client = reqwest::Client::new();
     for _ in 0..400 {
         if svc.task.as_ref().is_some_and(|t| t.is_finished()) {
@@ -147,9 +161,10 @@ pub async fn start_gateway(config: Config) -> Service {
             panic!("gateway exited at start-up: {result:?}");
         }
         if let Ok(r) = client.get(format!("{}/healthz", svc.url())).send().await
-            && r.status().is_success() {
-                return svc;
-            }
+            && r.status().is_success()
+        {
+            return svc;
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("gateway did not start");
@@ -159,7 +174,12 @@ pub async fn start_gateway(config: Config) -> Service {
 pub async fn put_key(nats_url: &str, env: &TestEnv, secret: &str, record: KeyRecord) {
     let client = async_nats::connect(nats_url).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    KeyStore::open(&js, &env.names.kv_keys).await.unwrap().put(secret, record).await.unwrap();
+    KeyStore::open(&js, &env.names.kv_keys)
+        .await
+        .unwrap()
+        .put(secret, record)
+        .await
+        .unwrap();
 }
 
 /// An unrestricted key of `tenant`.
@@ -182,18 +202,33 @@ pub fn key(tenant: &str, key_id: &str) -> KeyRecord {
 
 /// Every event of `kind` in the env's stream, waiting up to `timeout` for at
 /// least `at_least` of them.
-pub async fn events(nats_url: &str, env: &TestEnv, kind: EventKind, at_least: usize, timeout: Duration) -> Vec<Event> {
-    let bus = JetStreamBus::connect(nats_url, env.names.clone(), StreamSettings::default()).await.unwrap();
+pub async fn events(
+    nats_url: &str,
+    env: &TestEnv,
+    kind: EventKind,
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Event> {
+    let bus = JetStreamBus::connect(nats_url, env.names.clone(), StreamSettings::default())
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let mut c = bus.consumer(ConsumerSpec::new(env.names.kind_filter(kind))).await.unwrap();
+        let mut c = bus
+            .consumer(ConsumerSpec::new(env.names.kind_filter(kind)))
+            .await
+            .unwrap();
         let mut all = Vec::new();
         loop {
             let batch = c.fetch(1000, Duration::from_millis(300)).await.unwrap();
             if batch.is_empty() {
                 break;
             }
-            all.extend(batch.into_iter().map(|d| Event::from_json(&d.payload).unwrap()));
+            all.extend(
+                batch
+                    .into_iter()
+                    .map(|d| Event::from_json(&d.payload).unwrap()),
+            );
         }
         if all.len() >= at_least || tokio::time::Instant::now() >= deadline {
             return all;
@@ -210,6 +245,10 @@ pub async fn sse_data(resp: reqwest::Response) -> Vec<String> {
         text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
     text.split("\n\n")
-        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned))
+        .filter_map(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned)
+        })
         .collect()
 }

@@ -29,7 +29,10 @@ async fn schema_of(env: &TestEnv) -> Vec<String> {
         out.push(ddl);
     }
     let versions: Vec<(u32, String)> = ch
-        .query(&format!("SELECT version, name FROM {}.schema_migrations FINAL ORDER BY version", env.database))
+        .query(&format!(
+            "SELECT version, name FROM {}.schema_migrations FINAL ORDER BY version",
+            env.database
+        ))
         .fetch_all()
         .await
         .unwrap();
@@ -41,7 +44,10 @@ async fn schema_of(env: &TestEnv) -> Vec<String> {
 async fn migrations_applied_twice_equal_once() {
     let env = TestEnv::new();
     let first = env.migrate().await.unwrap();
-    assert_eq!(first, (1..=migrations::latest_version()).collect::<Vec<_>>());
+    assert_eq!(
+        first,
+        (1..=migrations::latest_version()).collect::<Vec<_>>()
+    );
     let once = schema_of(&env).await;
     let second = env.migrate().await.unwrap();
     assert!(second.is_empty(), "second run applied {second:?}");
@@ -51,7 +57,10 @@ async fn migrations_applied_twice_equal_once() {
     let ch = env.ch();
     let tables: Vec<String> = ch.query("SHOW TABLES").fetch_all().await.unwrap();
     for t in ["usage", "ledger", "invoices", "invoice_lines"] {
-        assert!(tables.contains(&t.to_string()), "{t} missing from {tables:?}");
+        assert!(
+            tables.contains(&t.to_string()),
+            "{t} missing from {tables:?}"
+        );
     }
 }
 
@@ -66,15 +75,25 @@ async fn migrations_on_an_existing_database_keep_its_data() {
         .unwrap();
     // Simulate a database made by an older release: forget the newest step.
     env.ch()
-        .query(&format!("ALTER TABLE schema_migrations DELETE WHERE version = {}", migrations::latest_version()))
+        .query(&format!(
+            "ALTER TABLE schema_migrations DELETE WHERE version = {}",
+            migrations::latest_version()
+        ))
         .execute()
         .await
         .unwrap();
     // Mutations are asynchronous on 18.16: wait until it is gone.
     for _ in 0..100 {
-        let n: u64 = env.ch().query("SELECT count() FROM schema_migrations WHERE version = ?")
-            .bind(migrations::latest_version()).fetch_one().await.unwrap();
-        if n == 0 { break; }
+        let n: u64 = env
+            .ch()
+            .query("SELECT count() FROM schema_migrations WHERE version = ?")
+            .bind(migrations::latest_version())
+            .fetch_one()
+            .await
+            .unwrap();
+        if n == 0 {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let applied = env.migrate().await.unwrap();
@@ -99,19 +118,36 @@ async fn usage_view_is_exact_under_duplicate_inserts() {
             .await
             .unwrap();
     }
-    let raw: u64 = env.ch().query("SELECT count() FROM usage_events").fetch_one().await.unwrap();
+    let raw: u64 = env
+        .ch()
+        .query("SELECT count() FROM usage_events")
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!(raw, 3, "storage keeps the re-inserts until a merge");
-    let (n, tokens): (u64, u64) =
-        env.ch().query("SELECT count(), sum(input_tokens) FROM usage").fetch_one().await.unwrap();
+    let (n, tokens): (u64, u64) = env
+        .ch()
+        .query("SELECT count(), sum(input_tokens) FROM usage")
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!((n, tokens), (1, 7), "the contract view is exact when read");
 }
 
-async fn publish_request_event(bus: &JetStreamBus, event: &Event) -> tollgate_schemas::bus::PublishReceipt {
+async fn publish_request_event(
+    bus: &JetStreamBus,
+    event: &Event,
+) -> tollgate_schemas::bus::PublishReceipt {
     bus.publish(Outgoing {
-        subject: bus.names().event_subject(event.kind(), &event.meta().tenant_id),
+        subject: bus
+            .names()
+            .event_subject(event.kind(), &event.meta().tenant_id),
         id: event.meta().id.to_string(),
         payload: Bytes::from(event.to_json()),
-        headers: vec![("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())],
+        headers: vec![(
+            "traceparent".into(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        )],
     })
     .await
     .unwrap()
@@ -135,30 +171,52 @@ fn request_event(tenant: &str) -> Event {
 #[tokio::test]
 async fn same_event_published_twice_is_stored_once() {
     let env = TestEnv::new();
-    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default()).await.unwrap();
+    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default())
+        .await
+        .unwrap();
     let event = request_event("acme");
     let a = publish_request_event(&bus, &event).await;
     let b = publish_request_event(&bus, &event).await;
     assert!(!a.duplicate);
-    assert!(b.duplicate, "second publish must be recognised as a duplicate");
+    assert!(
+        b.duplicate,
+        "second publish must be recognised as a duplicate"
+    );
     assert_eq!(a.position, b.position);
     assert_eq!(bus.head().await.unwrap(), 1);
 
     // And it is delivered once, with its headers, and commits.
-    let mut consumer = bus.consumer(ConsumerSpec::new(env.names.events_filter())).await.unwrap();
+    let mut consumer = bus
+        .consumer(ConsumerSpec::new(env.names.events_filter()))
+        .await
+        .unwrap();
     let batch = consumer.fetch(10, Duration::from_secs(2)).await.unwrap();
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].header("traceparent").map(str::len), Some(55));
-    assert_eq!(env.names.kind_of_subject(&batch[0].subject), Some(EventKind::Request));
+    assert_eq!(
+        env.names.kind_of_subject(&batch[0].subject),
+        Some(EventKind::Request)
+    );
     assert_eq!(Event::from_json(&batch[0].payload).unwrap(), event);
-    consumer.commit(batch.into_iter().map(|d| d.commit).collect()).await.unwrap();
-    assert!(consumer.fetch(10, Duration::from_millis(300)).await.unwrap().is_empty());
+    consumer
+        .commit(batch.into_iter().map(|d| d.commit).collect())
+        .await
+        .unwrap();
+    assert!(
+        consumer
+            .fetch(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn uncommitted_deliveries_come_back() {
     let env = TestEnv::new();
-    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default()).await.unwrap();
+    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default())
+        .await
+        .unwrap();
     publish_request_event(&bus, &request_event("acme")).await;
     let mut spec = ConsumerSpec::new(env.names.events_filter());
     spec.durable = Some("meter".into());
@@ -184,7 +242,9 @@ async fn parallel_tests_never_see_each_other() {
         let ch = env.ch();
         {
             env.migrate().await.unwrap();
-            let bus = JetStreamBus::connect(&url, names.clone(), StreamSettings::default()).await.unwrap();
+            let bus = JetStreamBus::connect(&url, names.clone(), StreamSettings::default())
+                .await
+                .unwrap();
             for _ in 0..n {
                 publish_request_event(&bus, &request_event(tenant)).await;
             }
@@ -192,10 +252,28 @@ async fn parallel_tests_never_see_each_other() {
                 .execute()
                 .await
                 .unwrap();
-            let mut c = bus.consumer(ConsumerSpec::new(names.events_filter())).await.unwrap();
+            let mut c = bus
+                .consumer(ConsumerSpec::new(names.events_filter()))
+                .await
+                .unwrap();
             let got = c.fetch(100, Duration::from_secs(1)).await.unwrap();
-            let tenants: Vec<String> = ch.query("SELECT DISTINCT tenant_id FROM usage").fetch_all().await.unwrap();
-            (got.into_iter().map(|d| Event::from_json(&d.payload).unwrap().meta().tenant_id.clone()).collect::<Vec<_>>(), tenants)
+            let tenants: Vec<String> = ch
+                .query("SELECT DISTINCT tenant_id FROM usage")
+                .fetch_all()
+                .await
+                .unwrap();
+            (
+                got.into_iter()
+                    .map(|d| {
+                        Event::from_json(&d.payload)
+                            .unwrap()
+                            .meta()
+                            .tenant_id
+                            .clone()
+                    })
+                    .collect::<Vec<_>>(),
+                tenants,
+            )
         }
     }
     let ((ga, ta), (gb, tb)) = tokio::join!(run(&a, "alpha", 5), run(&b, "beta", 7));
@@ -218,10 +296,14 @@ fn shared_servers_are_real_and_answer() {
 async fn kv_buckets_are_created_once_and_work() {
     let env = TestEnv::new();
     let js = async_nats::jetstream::new(env.nats().await.unwrap());
-    let kv = tollgate_schemas::kv::ensure(&js, &env.names.kv_keys, 1).await.unwrap();
+    let kv = tollgate_schemas::kv::ensure(&js, &env.names.kv_keys, 1)
+        .await
+        .unwrap();
     kv.put("k", "v1".into()).await.unwrap();
     // Ensuring again opens the same bucket, data intact.
-    let again = tollgate_schemas::kv::ensure(&js, &env.names.kv_keys, 1).await.unwrap();
+    let again = tollgate_schemas::kv::ensure(&js, &env.names.kv_keys, 1)
+        .await
+        .unwrap();
     assert_eq!(again.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
     assert_eq!(again.get("missing").await.unwrap(), None);
 }

@@ -25,9 +25,22 @@ async fn fixture() -> Fixture {
     let env = TestEnv::new();
     let mock = stack::start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = stack::start_gateway(stack::gateway_config(&env, &env.nats_url, &mock.url(), dir.path(), "")).await;
+    let gw = stack::start_gateway(stack::gateway_config(
+        &env,
+        &env.nats_url,
+        &mock.url(),
+        dir.path(),
+        "",
+    ))
+    .await;
     stack::put_key(&env.nats_url, &env, SECRET, stack::key("acme", "k1")).await;
-    Fixture { env, _mock: mock, gw, _dir: dir, http: reqwest::Client::new() }
+    Fixture {
+        env,
+        _mock: mock,
+        gw,
+        _dir: dir,
+        http: reqwest::Client::new(),
+    }
 }
 
 impl Fixture {
@@ -41,7 +54,14 @@ impl Fixture {
 
     async fn usage_of(&self, rid: &str) -> UsageEvent {
         for _ in 0..50 {
-            let events = stack::events(&self.env.nats_url, &self.env, EventKind::Usage, 1, Duration::from_secs(2)).await;
+            let events = stack::events(
+                &self.env.nats_url,
+                &self.env,
+                EventKind::Usage,
+                1,
+                Duration::from_secs(2),
+            )
+            .await;
             if let Some(Event::Usage(u)) = events.into_iter().find(|e| e.meta().request_id == rid) {
                 return u;
             }
@@ -58,7 +78,12 @@ fn msg(model: &str, stream: bool) -> Value {
 #[tokio::test]
 async fn messages_plain_native_usage_and_headers() {
     let f = fixture().await;
-    let r = f.messages(msg("mock-claude", false)).header("x-mock-cached-tokens", "3").send().await.unwrap();
+    let r = f
+        .messages(msg("mock-claude", false))
+        .header("x-mock-cached-tokens", "3")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(r.headers()["request-id"].to_str().unwrap(), rid);
@@ -66,9 +91,15 @@ async fn messages_plain_native_usage_and_headers() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["type"], "message");
     let u = f.usage_of(&rid).await;
-    assert_eq!(u.tokens.input_tokens, body["usage"]["input_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.tokens.input_tokens,
+        body["usage"]["input_tokens"].as_u64().unwrap()
+    );
     assert_eq!(u.tokens.cache_read_tokens, 3);
-    assert_eq!(u.tokens.output_tokens, body["usage"]["output_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.tokens.output_tokens,
+        body["usage"]["output_tokens"].as_u64().unwrap()
+    );
     assert_eq!(u.provider, "anthropic");
     assert_eq!(u.cost.to_string(), cost);
 }
@@ -77,8 +108,15 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| {
-            let ty = e.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or_default().to_owned();
-            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("null");
+            let ty = e
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or_default()
+                .to_owned();
+            let data = e
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or("null");
             (ty, serde_json::from_str(data).unwrap())
         })
         .collect()
@@ -93,19 +131,35 @@ async fn anthropic_stream_checks(f: &Fixture, model: &str) {
     let types: Vec<&str> = evs.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(types.first(), Some(&"message_start"), "{model}: {types:?}");
     assert_eq!(types.last(), Some(&"message_stop"));
-    for t in ["content_block_start", "content_block_delta", "content_block_stop", "message_delta"] {
+    for t in [
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+    ] {
         assert!(types.contains(&t), "{model} lacks {t}: {types:?}");
     }
     for (t, d) in &evs {
-        assert_eq!(d["type"].as_str(), Some(t.as_str()), "event name equals data.type");
+        assert_eq!(
+            d["type"].as_str(),
+            Some(t.as_str()),
+            "event name equals data.type"
+        );
     }
     let start = &evs[0].1["message"]["usage"];
     let delta = &evs.iter().find(|(t, _)| t == "message_delta").unwrap().1["usage"];
-    let input = delta.get("input_tokens").and_then(Value::as_u64).unwrap_or_else(|| start["input_tokens"].as_u64().unwrap());
+    let input = delta
+        .get("input_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| start["input_tokens"].as_u64().unwrap());
     let u = f.usage_of(&rid).await;
     assert!(u.streamed && !u.estimated, "{model}");
     assert_eq!(u.tokens.input_tokens, input, "{model}");
-    assert_eq!(u.tokens.output_tokens, delta["output_tokens"].as_u64().unwrap(), "{model}");
+    assert_eq!(
+        u.tokens.output_tokens,
+        delta["output_tokens"].as_u64().unwrap(),
+        "{model}"
+    );
 }
 
 #[tokio::test]
@@ -127,8 +181,14 @@ async fn messages_plain_translated_from_an_openai_upstream() {
     assert_eq!(body["stop_reason"], "end_turn");
     let u = f.usage_of(&rid).await;
     assert_eq!(u.provider, "openai");
-    assert_eq!(u.tokens.input_tokens, body["usage"]["input_tokens"].as_u64().unwrap());
-    assert_eq!(u.tokens.output_tokens, body["usage"]["output_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.tokens.input_tokens,
+        body["usage"]["input_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u.tokens.output_tokens,
+        body["usage"]["output_tokens"].as_u64().unwrap()
+    );
 }
 
 #[tokio::test]
@@ -136,26 +196,49 @@ async fn openai_client_on_an_anthropic_upstream_plain_and_streamed() {
     let f = fixture().await;
     let url = format!("{}/v1/chat/completions", f.gw.url());
     let body = json!({"model": "mock-claude", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
-    let r = f.http.post(&url).bearer_auth(SECRET).json(&body).send().await.unwrap();
+    let r = f
+        .http
+        .post(&url)
+        .bearer_auth(SECRET)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
     let u = f.usage_of(&rid).await;
-    assert_eq!(u.tokens.input_tokens, v["usage"]["prompt_tokens"].as_u64().unwrap());
-    assert_eq!(u.tokens.output_tokens, v["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.tokens.input_tokens,
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u.tokens.output_tokens,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
 
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
     sbody["stream_options"] = json!({"include_usage": true});
-    let r = f.http.post(&url).bearer_auth(SECRET).json(&sbody).send().await.unwrap();
+    let r = f
+        .http
+        .post(&url)
+        .bearer_auth(SECRET)
+        .json(&sbody)
+        .send()
+        .await
+        .unwrap();
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let data = stack::sse_data(r).await;
     assert_eq!(data.last().unwrap(), "[DONE]");
     let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(last["choices"], json!([]));
     let u = f.usage_of(&rid).await;
-    assert_eq!(u.tokens.output_tokens, last["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.tokens.output_tokens,
+        last["usage"]["completion_tokens"].as_u64().unwrap()
+    );
 }
 
 #[tokio::test]
@@ -174,10 +257,27 @@ async fn count_tokens_is_recorded_never_billed() {
         let v: Value = r.json().await.unwrap();
         assert!(v["input_tokens"].as_u64().unwrap() > 0);
     }
-    let counts = stack::events(&f.env.nats_url, &f.env, EventKind::TokenCount, 2, Duration::from_secs(10)).await;
+    let counts = stack::events(
+        &f.env.nats_url,
+        &f.env,
+        EventKind::TokenCount,
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(counts.len(), 2);
-    let usage = stack::events(&f.env.nats_url, &f.env, EventKind::Usage, 0, Duration::from_millis(500)).await;
-    assert!(usage.is_empty(), "count_tokens must not produce usage events");
+    let usage = stack::events(
+        &f.env.nats_url,
+        &f.env,
+        EventKind::Usage,
+        0,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(
+        usage.is_empty(),
+        "count_tokens must not produce usage events"
+    );
 }
 
 #[tokio::test]
@@ -192,10 +292,44 @@ async fn anthropic_errors_in_anthropic_shape() {
         assert_eq!(v["error"]["type"], ty, "{v}");
         assert!(v["error"]["message"].is_string());
     };
-    check(f.http.post(&url).json(&msg("mock-claude", false)).send().await.unwrap(), 401, "authentication_error").await;
-    check(f.messages(msg("nope", false)).send().await.unwrap(), 404, "not_found_error").await;
-    check(f.messages(json!({"model": "mock-claude", "messages": []})).send().await.unwrap(), 400, "invalid_request_error").await;
-    check(f.http.post(&url).header("x-api-key", SECRET).body("{").send().await.unwrap(), 400, "invalid_request_error").await;
+    check(
+        f.http
+            .post(&url)
+            .json(&msg("mock-claude", false))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "authentication_error",
+    )
+    .await;
+    check(
+        f.messages(msg("nope", false)).send().await.unwrap(),
+        404,
+        "not_found_error",
+    )
+    .await;
+    check(
+        f.messages(json!({"model": "mock-claude", "messages": []}))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    check(
+        f.http
+            .post(&url)
+            .header("x-api-key", SECRET)
+            .body("{")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_request_error",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -205,15 +339,23 @@ async fn embeddings_are_metered_input_only() {
         .http
         .post(format!("{}/v1/embeddings", f.gw.url()))
         .bearer_auth(SECRET)
-        .json(&json!({"model": "mock-embed", "input": ["a b c", "d e"], "encoding_format": "base64"}))
+        .json(
+            &json!({"model": "mock-embed", "input": ["a b c", "d e"], "encoding_format": "base64"}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let v: Value = r.json().await.unwrap();
-    assert!(v["data"][0]["embedding"].is_string(), "base64 passes through");
+    assert!(
+        v["data"][0]["embedding"].is_string(),
+        "base64 passes through"
+    );
     let u = f.usage_of(&rid).await;
-    assert_eq!(u.tokens.input_tokens, v["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.tokens.input_tokens,
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
     assert_eq!(u.tokens.output_tokens, 0);
 }

@@ -27,7 +27,14 @@ async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
     let mut nats = NatsServer::start().unwrap();
     let mock = stack::start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = stack::start_gateway(stack::gateway_config(&env, &nats.url(), &mock.url(), dir.path(), "")).await;
+    let gw = stack::start_gateway(stack::gateway_config(
+        &env,
+        &nats.url(),
+        &mock.url(),
+        dir.path(),
+        "",
+    ))
+    .await;
     stack::put_key(&nats.url(), &env, "tg_fault", stack::key("acme", "k1")).await;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", gw.url());
@@ -37,7 +44,13 @@ async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
         async move {
             let mut out = Vec::new();
             for _ in 0..n {
-                let r = http.post(&url).bearer_auth("tg_fault").json(&chat()).send().await.unwrap();
+                let r = http
+                    .post(&url)
+                    .bearer_auth("tg_fault")
+                    .json(&chat())
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 200, "requests keep working while NATS is down");
                 out.push(r.headers()["x-request-id"].to_str().unwrap().to_owned());
             }
@@ -48,22 +61,45 @@ async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
     nats.stop();
     rids.extend(send(40).await);
     // The key stays cached; events go to the spool.
-    let ready = http.get(format!("{}/readyz", gw.url())).send().await.unwrap();
+    let ready = http
+        .get(format!("{}/readyz", gw.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503, "readyz reports the bus down");
     nats.restart().unwrap();
     rids.extend(send(20).await);
-    let events = stack::events(&nats.url(), &env, EventKind::Usage, 80, Duration::from_secs(30)).await;
+    let events = stack::events(
+        &nats.url(),
+        &env,
+        EventKind::Usage,
+        80,
+        Duration::from_secs(30),
+    )
+    .await;
     let ids = usage_ids(&events);
     assert_eq!(ids.len(), 80, "every usage event arrives exactly once");
-    assert_eq!(ids.iter().collect::<HashSet<_>>(), rids.iter().collect::<HashSet<_>>());
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>(),
+        rids.iter().collect::<HashSet<_>>()
+    );
     let event_ids: HashSet<_> = events.iter().map(|e| e.meta().id).collect();
     assert_eq!(event_ids.len(), 80);
 }
 
 fn gateway_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("tollgate-gateway");
-    assert!(bin.exists(), "{} missing: run `cargo build --workspace --bins` first", bin.display());
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("tollgate-gateway");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
     bin
 }
 
@@ -120,19 +156,38 @@ base_url = "{mock}/v1"
     let mut child = spawn();
     wait_up().await;
     // Warm the key cache, then take NATS away and send traffic.
-    let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth("tg_kill").json(&chat()).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("tg_kill")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     nats.stop();
     let mut rids = vec![r.headers()["x-request-id"].to_str().unwrap().to_owned()];
     for _ in 0..30 {
-        let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth("tg_kill").json(&chat()).send().await.unwrap();
+        let r = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth("tg_kill")
+            .json(&chat())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         rids.push(r.headers()["x-request-id"].to_str().unwrap().to_owned());
     }
     // Wait until the spool holds them (publish attempts time out into it).
     let spool = dir.path().join("data").join("spool");
     for _ in 0..200 {
-        let body: serde_json::Value = http.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
+        let body: serde_json::Value = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if body["spool_events"].as_u64().unwrap_or(0) >= 30 {
             break;
         }
@@ -144,7 +199,14 @@ base_url = "{mock}/v1"
     nats.restart().unwrap();
     let mut child = spawn();
     wait_up().await;
-    let events = stack::events(&nats.url(), &env, EventKind::Usage, rids.len(), Duration::from_secs(30)).await;
+    let events = stack::events(
+        &nats.url(),
+        &env,
+        EventKind::Usage,
+        rids.len(),
+        Duration::from_secs(30),
+    )
+    .await;
     child.kill().unwrap();
     let _ = child.wait();
     let got: HashSet<String> = usage_ids(&events).into_iter().collect();

@@ -67,7 +67,11 @@ pub struct JetStreamBus {
 impl JetStreamBus {
     /// Connects and makes sure the events and dead-letter streams exist with
     /// `settings` (updating them if they drifted).
-    pub async fn connect(url: &str, names: Names, settings: StreamSettings) -> Result<Self, BusError> {
+    pub async fn connect(
+        url: &str,
+        names: Names,
+        settings: StreamSettings,
+    ) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("tollgate")
             .retry_on_initial_connect()
@@ -126,9 +130,13 @@ impl JetStreamBus {
     }
 
     async fn ensure_stream(&self, config: stream::Config) -> Result<(), BusError> {
-        let mut s = self.js.get_or_create_stream(config.clone()).await.map_err(|e| {
-            BusError::new(BusErrorKind::Config, format!("stream {}: {e}", config.name))
-        })?;
+        let mut s = self
+            .js
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| {
+                BusError::new(BusErrorKind::Config, format!("stream {}: {e}", config.name))
+            })?;
         let info = s.info().await.map_err(unavailable)?;
         let current = &info.config;
         if current.max_age != config.max_age
@@ -136,7 +144,10 @@ impl JetStreamBus {
             || current.subjects != config.subjects
         {
             self.js.update_stream(config.clone()).await.map_err(|e| {
-                BusError::new(BusErrorKind::Config, format!("update stream {}: {e}", config.name))
+                BusError::new(
+                    BusErrorKind::Config,
+                    format!("update stream {}: {e}", config.name),
+                )
             })?;
         }
         Ok(())
@@ -147,13 +158,18 @@ impl JetStreamBus {
         for (k, v) in &msg.headers {
             headers.insert(k.as_str(), v.as_str());
         }
-        Publish::build().payload(msg.payload.clone()).headers(headers).message_id(&msg.id)
+        Publish::build()
+            .payload(msg.payload.clone())
+            .headers(headers)
+            .message_id(&msg.id)
     }
 
     fn classify(e: &jetstream::context::PublishError) -> BusErrorKind {
         use jetstream::context::PublishErrorKind as K;
         match e.kind() {
-            K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence => BusErrorKind::Rejected,
+            K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence => {
+                BusErrorKind::Rejected
+            }
             K::StreamNotFound => BusErrorKind::Config,
             _ => BusErrorKind::Unavailable,
         }
@@ -164,14 +180,19 @@ impl JetStreamBus {
 impl EventBus for JetStreamBus {
     async fn publish(&self, msg: Outgoing) -> Result<PublishReceipt, BusError> {
         let mut results = self.publish_many(vec![msg]).await;
-        results.pop().unwrap_or_else(|| Err(unavailable("no result")))
+        results
+            .pop()
+            .unwrap_or_else(|| Err(unavailable("no result")))
     }
 
     async fn publish_many(&self, msgs: Vec<Outgoing>) -> Vec<Result<PublishReceipt, BusError>> {
         // Send all, then await all acks: one round trip for the whole batch.
         let mut pending = Vec::with_capacity(msgs.len());
         for msg in &msgs {
-            let sent = self.js.send_publish(msg.subject.clone(), Self::build(msg)).await;
+            let sent = self
+                .js
+                .send_publish(msg.subject.clone(), Self::build(msg))
+                .await;
             pending.push(sent);
         }
         // Await the acks together: each has its own timeout, and against a
@@ -180,7 +201,10 @@ impl EventBus for JetStreamBus {
             match sent {
                 Ok(fut) => fut
                     .await
-                    .map(|ack| PublishReceipt { position: ack.sequence, duplicate: ack.duplicate })
+                    .map(|ack| PublishReceipt {
+                        position: ack.sequence,
+                        duplicate: ack.duplicate,
+                    })
                     .map_err(|e| BusError::new(Self::classify(&e), e)),
                 Err(e) => Err(BusError::new(Self::classify(&e), e)),
             }
@@ -191,11 +215,13 @@ impl EventBus for JetStreamBus {
     async fn consumer(&self, spec: ConsumerSpec) -> Result<Box<dyn EventConsumer>, BusError> {
         let deliver_policy = match spec.start {
             StartFrom::Beginning => DeliverPolicy::All,
-            StartFrom::Position(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq.max(1) },
+            StartFrom::Position(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq.max(1),
+            },
             StartFrom::Time(t) => DeliverPolicy::ByStartTime {
-                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(
-                    i128::from(t.timestamp_nanos_opt().unwrap_or(0)),
-                )
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+                    t.timestamp_nanos_opt().unwrap_or(0),
+                ))
                 .map_err(|e| BusError::new(BusErrorKind::Config, e))?,
             },
             StartFrom::New => DeliverPolicy::New,
@@ -207,7 +233,11 @@ impl EventBus for JetStreamBus {
             ack_wait: spec.ack_wait,
             deliver_policy,
             max_ack_pending: i64::try_from(spec.max_in_flight).unwrap_or(i64::MAX),
-            inactive_threshold: if spec.durable.is_some() { Duration::ZERO } else { Duration::from_secs(300) },
+            inactive_threshold: if spec.durable.is_some() {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(300)
+            },
             ..Default::default()
         };
         let stream = self
@@ -229,19 +259,30 @@ impl EventBus for JetStreamBus {
             .messages()
             .await
             .map_err(unavailable)?;
-        Ok(Box::new(JetStreamConsumer { client: self.client.clone(), consumer, messages }))
+        Ok(Box::new(JetStreamConsumer {
+            client: self.client.clone(),
+            consumer,
+            messages,
+        }))
     }
 
     async fn ready(&self) -> Result<(), BusError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(unavailable("not connected to NATS"));
         }
-        self.js.get_stream(&self.names.events_stream).await.map_err(unavailable)?;
+        self.js
+            .get_stream(&self.names.events_stream)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 
     async fn head(&self) -> Result<u64, BusError> {
-        let mut s = self.js.get_stream(&self.names.events_stream).await.map_err(unavailable)?;
+        let mut s = self
+            .js
+            .get_stream(&self.names.events_stream)
+            .await
+            .map_err(unavailable)?;
         Ok(s.info().await.map_err(unavailable)?.state.last_sequence)
     }
 }
@@ -254,8 +295,13 @@ struct JetStreamConsumer {
 
 impl JetStreamConsumer {
     fn convert(msg: jetstream::Message) -> Result<Delivery, BusError> {
-        let info = msg.info().map_err(|e| BusError::new(BusErrorKind::Rejected, e))?;
-        let (position, attempt) = (info.stream_sequence, u64::try_from(info.delivered).unwrap_or(1));
+        let info = msg
+            .info()
+            .map_err(|e| BusError::new(BusErrorKind::Rejected, e))?;
+        let (position, attempt) = (
+            info.stream_sequence,
+            u64::try_from(info.delivered).unwrap_or(1),
+        );
         let (msg, acker) = msg.split();
         let headers = msg
             .headers

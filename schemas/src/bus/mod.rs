@@ -95,7 +95,10 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -128,7 +131,10 @@ pub struct BusError {
 
 impl BusError {
     pub fn new(kind: BusErrorKind, message: impl std::fmt::Display) -> Self {
-        Self { kind, message: message.to_string() }
+        Self {
+            kind,
+            message: message.to_string(),
+        }
     }
     pub fn is_retryable(&self) -> bool {
         self.kind == BusErrorKind::Unavailable

@@ -24,13 +24,26 @@ impl ClickHouseServer {
         let tmp = tempfile::Builder::new().prefix("tollgate-ch-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         let (http_port, process) = start_in(&dir, false)?;
-        Ok(Self { http_port, dir, _tmp: Some(tmp), process })
+        Ok(Self {
+            http_port,
+            dir,
+            _tmp: Some(tmp),
+            process,
+        })
     }
 
     pub(super) fn start_for_process() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tollgate-ch-").tempdir()?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-ch-")
+            .tempdir()?
+            .keep();
         let (http_port, process) = start_in(&dir, true)?;
-        Ok(Self { http_port, dir, _tmp: None, process })
+        Ok(Self {
+            http_port,
+            dir,
+            _tmp: None,
+            process,
+        })
     }
 
     pub fn http_url(&self) -> String {
@@ -73,7 +86,10 @@ fn start_in(dir: &Path, cleanup: bool) -> anyhow::Result<(u16, Supervised)> {
 
 fn spawn(dir: &Path, cleanup: bool) -> anyhow::Result<Supervised> {
     let bin = require_binary("clickhouse-server", "clickhouse-server")?;
-    let args = vec![format!("--config-file={}", dir.join("config.xml").display())];
+    let args = vec![format!(
+        "--config-file={}",
+        dir.join("config.xml").display()
+    )];
     Supervised::spawn(&bin, &args, cleanup.then_some(dir), &dir.join("stdout.log"))
 }
 
@@ -81,17 +97,21 @@ fn wait_ready(http_port: u16, process: &mut Supervised, dir: &Path) -> anyhow::R
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
         if let Ok((200, body)) = http_request(http_port, "GET", "/ping", "")
-            && body.starts_with("Ok") {
-                return Ok(());
-            }
+            && body.starts_with("Ok")
+        {
+            return Ok(());
+        }
         if !process.is_running() {
             break;
         }
         pause(Duration::from_millis(100));
     }
-    let log = std::fs::read_to_string(dir.join("log/clickhouse-server.err.log")).unwrap_or_default();
+    let log =
+        std::fs::read_to_string(dir.join("log/clickhouse-server.err.log")).unwrap_or_default();
     let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
-    bail!("clickhouse-server did not become ready on port {http_port}; last error log lines:\n{tail}")
+    bail!(
+        "clickhouse-server did not become ready on port {http_port}; last error log lines:\n{tail}"
+    )
 }
 
 /// Writes `config.xml` and `users.xml` for a server rooted at `dir`.

@@ -69,7 +69,10 @@ impl TestEnv {
             database: id.clone(),
             id,
         };
-        if let Err(e) = shared.clickhouse.exec(&format!("CREATE DATABASE IF NOT EXISTS {}", env.database)) {
+        if let Err(e) = shared
+            .clickhouse
+            .exec(&format!("CREATE DATABASE IF NOT EXISTS {}", env.database))
+        {
             panic!("create test database: {e:#}");
         }
         env
@@ -82,7 +85,10 @@ impl TestEnv {
 
     /// Applies Tollgate's migrations to this test's database.
     pub async fn migrate(&self) -> anyhow::Result<Vec<u32>> {
-        Ok(tollgate_schemas::migrations::apply(&ch_client(&self.clickhouse_url), &self.database).await?)
+        Ok(
+            tollgate_schemas::migrations::apply(&ch_client(&self.clickhouse_url), &self.database)
+                .await?,
+        )
     }
 
     pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
@@ -100,11 +106,15 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         // Synchronous on purpose: Drop cannot await, and a plain HTTP call on
         // a blocking socket works inside or outside a runtime.
-        let _ = shared().clickhouse.exec(&format!("DROP DATABASE IF EXISTS {}", self.database));
+        let _ = shared()
+            .clickhouse
+            .exec(&format!("DROP DATABASE IF EXISTS {}", self.database));
     }
 }
 
 /// A `clickhouse` client as the services build it (validation off: 18.16).
 pub fn ch_client(url: &str) -> ::clickhouse::Client {
-    ::clickhouse::Client::default().with_url(url).with_validation(false)
+    ::clickhouse::Client::default()
+        .with_url(url)
+        .with_validation(false)
 }

@@ -16,20 +16,35 @@ impl NatsServer {
     /// Starts a server a test owns: it can be stopped and restarted with its
     /// store intact; the temp dir goes when the value drops.
     pub fn start() -> anyhow::Result<Self> {
-        let tmp = tempfile::Builder::new().prefix("tollgate-nats-").tempdir()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-nats-")
+            .tempdir()?;
         let dir = tmp.path().to_path_buf();
         let port = free_port()?;
         let process = spawn(port, &dir, false)?;
-        Ok(Self { port, dir, _tmp: Some(tmp), process })
+        Ok(Self {
+            port,
+            dir,
+            _tmp: Some(tmp),
+            process,
+        })
     }
 
     /// Starts a server for the whole test process: statics never drop, so the
     /// supervisor removes the temp dir when the process exits.
     pub(super) fn start_for_process() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tollgate-nats-").tempdir()?.keep();
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-nats-")
+            .tempdir()?
+            .keep();
         let port = free_port()?;
         let process = spawn(port, &dir, true)?;
-        Ok(Self { port, dir, _tmp: None, process })
+        Ok(Self {
+            port,
+            dir,
+            _tmp: None,
+            process,
+        })
     }
 
     pub fn url(&self) -> String {

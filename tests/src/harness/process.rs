@@ -40,7 +40,9 @@ pub fn require_binary(binary: &str, package: &str) -> anyhow::Result<String> {
             return Ok(p.display().to_string());
         }
     }
-    bail!("`{binary}` is not installed: run `apt-get install {package}` (or ./deploy/local.sh test, which installs it)")
+    bail!(
+        "`{binary}` is not installed: run `apt-get install {package}` (or ./deploy/local.sh test, which installs it)"
+    )
 }
 
 /// A server process under an `sh` supervisor: closing the supervisor's stdin
@@ -52,14 +54,24 @@ pub struct Supervised {
 }
 
 impl Supervised {
-    pub fn spawn(program: &str, args: &[String], cleanup_dir: Option<&Path>, log: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(
+        program: &str,
+        args: &[String],
+        cleanup_dir: Option<&Path>,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         const SCRIPT: &str = r#"dir="$1"; shift; "$@" & pid=$!; cat >/dev/null; kill "$pid" 2>/dev/null; wait "$pid"; [ -n "$dir" ] && rm -rf "$dir"; exit 0"#;
-        let log_file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(SCRIPT)
             .arg("sh")
-            .arg(cleanup_dir.map(|d| d.display().to_string()).unwrap_or_default())
+            .arg(
+                cleanup_dir
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
+            )
             .arg(program)
             .args(args)
             .stdin(Stdio::piped())
@@ -90,7 +102,12 @@ impl Drop for Supervised {
 
 /// A minimal blocking HTTP/1.0 request, for the harness's synchronous paths
 /// (readiness probes, Drop). Returns (status, body).
-pub fn http_request(port: u16, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
@@ -105,6 +122,9 @@ pub fn http_request(port: u16, method: &str, path: &str, body: &str) -> anyhow::
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("malformed HTTP response")?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
