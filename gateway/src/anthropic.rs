@@ -45,9 +45,10 @@ pub async fn count_tokens(
     let mut who = (events::UNAUTHENTICATED.to_owned(), String::new());
     let mut model_seen = None;
     let result = async {
+        // Body first, as in the pipeline: never answer mid-upload.
+        let bytes = read_body(&headers, body, app.config.max_body_bytes).await?;
         let key = authenticate(&app, &headers).await?;
         who = (key.tenant_id.clone(), key.key_id.clone());
-        let bytes = read_body(&headers, body, app.config.max_body_bytes).await?;
         let req = parse_object(&bytes)?;
         let model = model_of(&req)?;
         model_seen = Some(model.clone());

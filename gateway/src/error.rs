@@ -180,6 +180,11 @@ impl GatewayError {
             }
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self, Self::PayloadTooLarge(_)) {
+            // The rest of the upload is never read: the client must not reuse
+            // this connection.
+            resp.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let retry = match self {
             Self::RateLimited {
                 retry_after,

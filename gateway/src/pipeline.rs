@@ -427,9 +427,12 @@ fn bodies(
 
 async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Response, GatewayError> {
     let app = ctx.app.clone();
+    // Read the body before anything can refuse the request: a response sent
+    // while the client is still writing makes the server drop the connection,
+    // and a client reusing it sees a spurious connection error.
+    let bytes = read_body(headers, body, app.config.max_body_bytes).await?;
     let key = authenticate(&app, headers).await?;
     ctx.key = Some(key.clone());
-    let bytes = read_body(headers, body, app.config.max_body_bytes).await?;
     let req = parse_object(&bytes)?;
     let model = model_of(&req)?;
     ctx.model = Some(model.clone());
