@@ -200,6 +200,10 @@ pub struct DeploymentConfig {
     /// (e.g. `["anthropic-beta", "x-mock-"]`). None by default.
     #[serde(default)]
     pub forward_headers: Vec<String>,
+    /// The upstream serves OpenAI's Responses API itself (`/responses`):
+    /// pass `/v1/responses` through instead of bridging it over chat.
+    #[serde(default)]
+    pub responses_api: bool,
 }
 
 fn default_listen() -> SocketAddr {

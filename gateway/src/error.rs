@@ -183,7 +183,10 @@ impl GatewayError {
         if matches!(self, Self::PayloadTooLarge(_)) {
             // The rest of the upload is never read: the client must not reuse
             // this connection.
-            resp.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
         }
         let retry = match self {
             Self::RateLimited {

@@ -15,6 +15,7 @@ pub mod openai;
 pub mod pipeline;
 pub mod proxy;
 pub mod publisher;
+pub mod responses_relay;
 pub mod routing;
 pub mod sse;
 pub mod telemetry;

@@ -39,6 +39,15 @@ pub async fn embeddings(
     pipeline::handle(app, rid, headers, body, Surface::Embeddings).await
 }
 
+pub async fn responses(
+    State(app): State<App>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    pipeline::handle(app, rid, headers, body, Surface::Responses).await
+}
+
 fn model_object(id: &str) -> Value {
     serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"})
 }

@@ -43,6 +43,7 @@ pub enum Surface {
     Completions,
     Embeddings,
     Messages,
+    Responses,
 }
 
 impl Surface {
@@ -59,6 +60,7 @@ impl Surface {
             Surface::Completions => ApiFormat::OpenaiCompletions,
             Surface::Embeddings => ApiFormat::OpenaiEmbeddings,
             Surface::Messages => ApiFormat::AnthropicMessages,
+            Surface::Responses => ApiFormat::OpenaiResponses,
         }
     }
 
@@ -68,6 +70,7 @@ impl Surface {
             Surface::Completions => "/v1/completions",
             Surface::Embeddings => "/v1/embeddings",
             Surface::Messages => "/v1/messages",
+            Surface::Responses => "/v1/responses",
         }
     }
 
@@ -79,9 +82,11 @@ impl Surface {
         }
     }
 
-    /// The upstream path on a deployment of `provider`.
-    fn upstream_path(self, provider: ProviderKind) -> &'static str {
-        match (provider, self) {
+    /// The upstream path on deployment `d`.
+    fn upstream_path(self, d: &Deployment) -> &'static str {
+        match (d.provider, self) {
+            (ProviderKind::Openai, Surface::Responses) if d.responses_api => "/responses",
+            (ProviderKind::Openai, Surface::Responses) => "/chat/completions",
             (ProviderKind::Anthropic, _) => "/v1/messages",
             (ProviderKind::Openai, Surface::Chat | Surface::Messages) => "/chat/completions",
             (ProviderKind::Openai, Surface::Completions) => "/completions",
@@ -265,7 +270,7 @@ fn validate(surface: Surface, req: &Map<String, Value>) -> Result<bool, GatewayE
             Some(_) => return Err(bad("'prompt' must be a string or an array", "prompt")),
             None => return Err(bad("you must provide 'prompt'", "prompt")),
         },
-        Surface::Embeddings => match req.get("input") {
+        Surface::Embeddings | Surface::Responses => match req.get("input") {
             Some(Value::String(_)) | Some(Value::Array(_)) => {}
             Some(_) => return Err(bad("'input' must be a string or an array", "input")),
             None => return Err(bad("you must provide 'input'", "input")),
@@ -371,8 +376,28 @@ fn admit(
 
 /// The request in each wire format a deployment of the plan needs.
 struct Bodies {
+    /// Chat (or completions, embeddings) for OpenAI-format deployments.
     openai: Option<Map<String, Value>>,
+    /// The Responses request itself, for deployments that serve `/responses`.
+    openai_responses: Option<Map<String, Value>>,
     anthropic: Option<Map<String, Value>>,
+}
+
+/// Always ask an OpenAI upstream for stream usage; stripped again if the
+/// client did not ask for it.
+fn with_stream_usage(mut m: Map<String, Value>, stream: bool) -> Map<String, Value> {
+    if stream {
+        let opts = m
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        match opts {
+            Value::Object(o) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            other => *other = serde_json::json!({"include_usage": true}),
+        }
+    }
+    m
 }
 
 fn bodies(
@@ -387,32 +412,36 @@ fn bodies(
             GatewayError::BadRequest { message, param }
         }
     };
+    let native_responses =
+        |d: &Arc<Deployment>| d.provider == ProviderKind::Openai && d.responses_api;
     let openai = if !needs(ProviderKind::Openai) {
         None
-    } else if surface.native() == ProviderKind::Openai {
-        let mut m = req.clone();
-        if stream {
-            // Always ask for usage; stripped again if the client did not.
-            let opts = m
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            match opts {
-                Value::Object(o) => {
-                    o.insert("include_usage".into(), Value::Bool(true));
-                }
-                other => *other = serde_json::json!({"include_usage": true}),
-            }
+    } else if surface == Surface::Responses {
+        if plan
+            .iter()
+            .any(|d| d.provider == ProviderKind::Openai && !d.responses_api)
+        {
+            let chat = translate::responses_request_to_chat(req).map_err(invalid)?;
+            Some(with_stream_usage(chat, stream))
+        } else {
+            None
         }
-        Some(m)
+    } else if surface.native() == ProviderKind::Openai {
+        Some(with_stream_usage(req.clone(), stream))
     } else {
         Some(translate::anthropic_request_to_openai_chat(req, "").map_err(invalid)?)
     };
+    let openai_responses =
+        (surface == Surface::Responses && plan.iter().any(native_responses)).then(|| req.clone());
     let anthropic = if !needs(ProviderKind::Anthropic) {
         None
     } else if surface.native() == ProviderKind::Anthropic {
         Some(req.clone())
     } else if surface == Surface::Chat {
         Some(translate::openai_chat_request_to_anthropic(req, "").map_err(invalid)?)
+    } else if surface == Surface::Responses {
+        let chat = translate::responses_request_to_chat(req).map_err(invalid)?;
+        Some(translate::openai_chat_request_to_anthropic(&chat, "").map_err(invalid)?)
     } else {
         return Err(GatewayError::bad_request(
             format!(
@@ -422,7 +451,11 @@ fn bodies(
             None,
         ));
     };
-    Ok(Bodies { openai, anthropic })
+    Ok(Bodies {
+        openai,
+        openai_responses,
+        anthropic,
+    })
 }
 
 async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Response, GatewayError> {
@@ -458,8 +491,12 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
         .and_then(|v| v.to_str().ok())
         .unwrap_or("2023-06-01")
         .to_owned();
+    let surface = ctx.surface;
     let body_for = |d: &Deployment| -> Bytes {
         let base = match d.provider {
+            ProviderKind::Openai if surface == Surface::Responses && d.responses_api => {
+                bodies.openai_responses.as_ref()
+            }
             ProviderKind::Openai => bodies.openai.as_ref(),
             ProviderKind::Anthropic => bodies.anthropic.as_ref(),
         };
@@ -467,8 +504,7 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
         m.insert("model".into(), Value::String(d.upstream_model.clone()));
         Bytes::from(serde_json::to_vec(&m).unwrap_or_default())
     };
-    let surface = ctx.surface;
-    let path_for = move |d: &Deployment| surface.upstream_path(d.provider);
+    let path_for = move |d: &Deployment| surface.upstream_path(d);
     let timeouts = &app.config.timeouts;
     let deadline = ctx.started + Duration::from_millis(timeouts.total_ms);
     let upstream = proxy::send(
@@ -602,6 +638,10 @@ impl Finish {
     }
 
     fn translated(&self) -> bool {
+        if self.surface == Surface::Responses {
+            return !(self.deployment.provider == ProviderKind::Openai
+                && self.deployment.responses_api);
+        }
         self.surface.native() != self.deployment.provider
     }
 }
@@ -667,6 +707,13 @@ async fn plain_response(
     let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
     let (tokens, estimated, served) = if status.is_success() {
         match &parsed {
+            Some(v) if done.surface == Surface::Responses && !done.translated() => {
+                let model = v.get("model").and_then(Value::as_str).map(str::to_owned);
+                match v.get("usage").filter(|u| !u.is_null()) {
+                    Some(u) => (crate::responses_relay::usage_tokens(u), false, model),
+                    None => (done.estimate(""), true, model),
+                }
+            }
             Some(v) => match plain_usage(provider, v) {
                 (Some(t), model) => (t, false, model),
                 (None, model) => (done.estimate(&plain_text(v)), true, model),
@@ -681,6 +728,23 @@ async fn plain_response(
         bytes
     } else {
         let translated = match (status.is_success(), provider, &parsed) {
+            (true, _, Some(v)) if done.surface == Surface::Responses => {
+                let chat = match provider {
+                    ProviderKind::Openai => Some(v.clone()),
+                    ProviderKind::Anthropic => {
+                        translate::anthropic_response_to_openai_chat(v, &done.model).ok()
+                    }
+                };
+                chat.and_then(|c| translate::chat_response_to_responses(&c, &done.model).ok())
+                    .map(|mut r| {
+                        translate::echo_request_fields(&mut r, &done.request);
+                        r
+                    })
+            }
+            // A bridged Responses error is already OpenAI-shaped.
+            (false, ProviderKind::Openai, Some(v)) if done.surface == Surface::Responses => {
+                Some(v.clone())
+            }
             (true, ProviderKind::Openai, Some(v)) => {
                 translate::openai_chat_response_to_anthropic(v, &done.model).ok()
             }
@@ -733,6 +797,21 @@ async fn plain_response(
 }
 
 fn translator(done: &Finish, client_wants_usage: bool) -> Box<dyn StreamTranslator> {
+    if done.surface == Surface::Responses {
+        let to_responses = || {
+            Box::new(translate::ChatToResponsesStream::new(&done.model).with_request(&done.request))
+        };
+        return match done.deployment.provider {
+            ProviderKind::Openai if !done.translated() => {
+                Box::new(crate::responses_relay::ResponsesPassthrough::default())
+            }
+            ProviderKind::Openai => to_responses(),
+            ProviderKind::Anthropic => Box::new(crate::responses_relay::Chain::new(
+                Box::new(translate::AnthropicToOpenAiStream::new(&done.model, true)),
+                to_responses(),
+            )),
+        };
+    }
     match (done.surface.native(), done.deployment.provider) {
         (ProviderKind::Openai, ProviderKind::Openai) => {
             Box::new(OpenAiRelay::new(client_wants_usage))

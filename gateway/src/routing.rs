@@ -32,6 +32,8 @@ pub struct Deployment {
     pub priority: u32,
     /// Client header prefixes passed through to this upstream.
     pub forward_headers: Vec<String>,
+    /// Serves `/responses` natively (else the gateway bridges over chat).
+    pub responses_api: bool,
     /// One pooled client per deployment.
     pub client: reqwest::Client,
     pub breaker: Breaker,
@@ -163,10 +165,16 @@ impl Router {
                     upstream_model: d.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
                     weight: d.weight,
                     priority: d.priority,
+                    responses_api: d.responses_api,
+                    // Anthropic upstreams always get the client's beta flags.
                     forward_headers: d
                         .forward_headers
                         .iter()
                         .map(|h| h.to_ascii_lowercase())
+                        .chain(
+                            (d.provider == ProviderKind::Anthropic)
+                                .then(|| "anthropic-beta".to_owned()),
+                        )
                         .collect(),
                     client: http_client(&config.timeouts)?,
                     breaker: Breaker::new(&config.breaker),

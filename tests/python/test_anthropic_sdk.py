@@ -1197,15 +1197,32 @@ def test_embeddings_float(client: openai.OpenAI, wait_usage) -> None:
 # ---------------------------------------------------------------- the Responses API
 
 
-@pytest.mark.xfail(reason="Responses API not implemented yet (issue 6)", strict=True)
-def test_responses_api(client: openai.OpenAI, wait_usage) -> None:
-    raw = client.responses.with_raw_response.create(model=GPT, input="hi")
+@pytest.mark.parametrize("model", [GPT, "mock-claude"])
+def test_responses_api(client: openai.OpenAI, wait_usage, model: str) -> None:
+    """The Responses API, bridged over chat (OpenAI upstream) and over chat then Messages
+    (Anthropic upstream): the SDK parses it, and usage is recorded like chat."""
+    raw = client.responses.with_raw_response.create(model=model, input="hi", instructions="be brief")
     response = raw.parse()
     assert response.output_text.strip(), response
     row = wait_usage(openai_request_id_of(raw.headers))
     assert response.usage is not None
     assert row["input_tokens"] + row["cache_read_tokens"] == response.usage.input_tokens, row
     assert row["output_tokens"] == response.usage.output_tokens, row
+    assert row["cost"] == Decimal(raw.headers["x-tollgate-cost"]), row
+
+
+@pytest.mark.parametrize("model", [GPT, "mock-claude"])
+def test_responses_api_streamed(client: openai.OpenAI, wait_usage, model: str) -> None:
+    with client.responses.stream(model=model, input=[{"role": "user", "content": "hello there"}]) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+        rid = openai_request_id_of(stream.response.headers) if hasattr(stream, "response") else None
+    assert deltas and final.output_text == deltas
+    assert final.usage is not None
+    if rid:
+        row = wait_usage(rid)
+        assert row["streamed"] == 1 and row["estimated"] == 0, row
+        assert row["output_tokens"] == final.usage.output_tokens, row
 
 
 # ---------------------------------------------------------------- upstream faults on mock-claude

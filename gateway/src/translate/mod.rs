@@ -46,6 +46,7 @@ pub mod anthropic_stream;
 pub mod openai_stream;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod wire;
 
 #[cfg(test)]
@@ -64,6 +65,10 @@ pub use request::{anthropic_request_to_openai_chat, openai_chat_request_to_anthr
 pub use response::{
     anthropic_error_to_openai, anthropic_response_to_openai_chat, anthropic_usage_tokens,
     openai_chat_response_to_anthropic, openai_error_to_anthropic,
+};
+pub use responses::{
+    ChatToResponsesStream, chat_response_to_responses, echo_request_fields,
+    responses_request_to_chat,
 };
 
 /// A request that cannot be expressed in the other format without changing
