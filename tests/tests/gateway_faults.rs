@@ -87,6 +87,16 @@ async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
     assert_eq!(event_ids.len(), 80);
 }
 
+/// A child process killed when dropped, so a failing test leaks nothing.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn gateway_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
@@ -135,12 +145,14 @@ base_url = "{mock}/v1"
     .unwrap();
     stack::put_key(&nats.url(), &env, "tg_kill", stack::key("acme", "k1")).await;
     let spawn = || {
-        Command::new(gateway_bin())
-            .args(["--config", config_path.to_str().unwrap(), "run"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            Command::new(gateway_bin())
+                .args(["--config", config_path.to_str().unwrap(), "run"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
@@ -193,11 +205,11 @@ base_url = "{mock}/v1"
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    child.kill().unwrap(); // SIGKILL: no drain, no flush
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL: no drain, no flush
+    child.0.wait().unwrap();
     assert!(spool.exists());
     nats.restart().unwrap();
-    let mut child = spawn();
+    let child = spawn();
     wait_up().await;
     let events = stack::events(
         &nats.url(),
@@ -207,8 +219,7 @@ base_url = "{mock}/v1"
         Duration::from_secs(30),
     )
     .await;
-    child.kill().unwrap();
-    let _ = child.wait();
+    drop(child);
     let got: HashSet<String> = usage_ids(&events).into_iter().collect();
     for rid in &rids[1..] {
         assert!(got.contains(rid), "usage of {rid} was lost");
