@@ -162,7 +162,6 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    metrics::gauge!("tollgate_gateway_spool_events").set(app.publisher.spool_depth() as f64);
     (
         [(
             axum::http::header::CONTENT_TYPE,

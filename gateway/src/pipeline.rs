@@ -186,7 +186,8 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<By
         return Err(GatewayError::PayloadTooLarge(max));
     }
     axum::body::to_bytes(body, max).await.map_err(|e| {
-        if e.to_string().contains("length limit") {
+        let e = e.into_inner();
+        if e.is::<http_body_util::LengthLimitError>() {
             GatewayError::PayloadTooLarge(max)
         } else {
             GatewayError::bad_request(format!("could not read the request body: {e}"), None)

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tollgate_gateway::Config;
 use tollgate_gateway::auth::KeyStore;
 use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, StreamSettings};
-use tollgate_schemas::events::{Event, EventKind};
+use tollgate_schemas::events::{Event, EventKind, UsageEvent};
 use tollgate_schemas::records::KeyRecord;
 
 use crate::harness::TestEnv;
@@ -249,6 +249,37 @@ pub async fn sse_data(resp: reqwest::Response) -> Vec<String> {
             e.lines()
                 .find_map(|l| l.strip_prefix("data: "))
                 .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The usage event of request `rid`, waiting up to about 20 s for it.
+pub async fn usage_event(nats_url: &str, env: &TestEnv, rid: &str) -> UsageEvent {
+    for _ in 0..10 {
+        let events = events(nats_url, env, EventKind::Usage, 1, Duration::from_secs(2)).await;
+        if let Some(Event::Usage(u)) = events.into_iter().find(|e| e.meta().request_id == rid) {
+            return u;
+        }
+    }
+    panic!("no usage event for {rid}");
+}
+
+/// Splits an SSE body into (`event:` name, parsed `data:`) pairs; events
+/// without a name get "" and events without data get `null`.
+pub fn sse_events(text: &str) -> Vec<(String, serde_json::Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let ty = e
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or_default()
+                .to_owned();
+            let data = e
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or("null");
+            (ty, serde_json::from_str(data).unwrap())
         })
         .collect()
 }

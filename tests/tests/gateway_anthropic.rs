@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tollgate_schemas::events::{Event, EventKind, UsageEvent};
+use tollgate_schemas::events::{EventKind, UsageEvent};
 use tollgate_tests::harness::TestEnv;
 use tollgate_tests::stack::{self, Service};
 
@@ -53,20 +53,7 @@ impl Fixture {
     }
 
     async fn usage_of(&self, rid: &str) -> UsageEvent {
-        for _ in 0..50 {
-            let events = stack::events(
-                &self.env.nats_url,
-                &self.env,
-                EventKind::Usage,
-                1,
-                Duration::from_secs(2),
-            )
-            .await;
-            if let Some(Event::Usage(u)) = events.into_iter().find(|e| e.meta().request_id == rid) {
-                return u;
-            }
-        }
-        panic!("no usage event for {rid}");
+        stack::usage_event(&self.env.nats_url, &self.env, rid).await
     }
 }
 
@@ -104,30 +91,12 @@ async fn messages_plain_native_usage_and_headers() {
     assert_eq!(u.cost.to_string(), cost);
 }
 
-fn sse_events(text: &str) -> Vec<(String, Value)> {
-    text.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let ty = e
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or_default()
-                .to_owned();
-            let data = e
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or("null");
-            (ty, serde_json::from_str(data).unwrap())
-        })
-        .collect()
-}
-
 async fn anthropic_stream_checks(f: &Fixture, model: &str) {
     let r = f.messages(msg(model, true)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "{model}");
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let text = r.text().await.unwrap();
-    let evs = sse_events(&text);
+    let evs = stack::sse_events(&text);
     let types: Vec<&str> = evs.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(types.first(), Some(&"message_start"), "{model}: {types:?}");
     assert_eq!(types.last(), Some(&"message_stop"));

@@ -4,46 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
-use tollgate_schemas::events::{Event, EventKind, UsageEvent};
 use tollgate_tests::harness::TestEnv;
 use tollgate_tests::stack;
 
 const SECRET: &str = "tg_responses_test";
-
-async fn usage_of(env: &TestEnv, rid: &str) -> UsageEvent {
-    for _ in 0..50 {
-        let events = stack::events(
-            &env.nats_url,
-            env,
-            EventKind::Usage,
-            1,
-            Duration::from_secs(2),
-        )
-        .await;
-        if let Some(Event::Usage(u)) = events.into_iter().find(|e| e.meta().request_id == rid) {
-            return u;
-        }
-    }
-    panic!("no usage event for {rid}");
-}
-
-fn sse(text: &str) -> Vec<(String, Value)> {
-    text.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let ty = e
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or_default()
-                .to_owned();
-            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
-            (ty, serde_json::from_str(data).unwrap())
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn responses_bridged_and_passed_through_plain_and_streamed() {
@@ -101,7 +66,7 @@ forward_headers = ["authorization"]
         assert_eq!(v["status"], "completed");
         let text = v["output"][0]["content"][0]["text"].as_str().unwrap();
         assert!(!text.is_empty());
-        let u = usage_of(&env, &rid).await;
+        let u = stack::usage_event(&env.nats_url, &env, &rid).await;
         assert_eq!(
             u.tokens.input_tokens,
             v["usage"]["input_tokens"].as_u64().unwrap(),
@@ -124,7 +89,7 @@ forward_headers = ["authorization"]
             .unwrap();
         assert_eq!(r.status(), 200);
         let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
-        let events = sse(&r.text().await.unwrap());
+        let events = stack::sse_events(&r.text().await.unwrap());
         let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(
             types.first(),
@@ -147,7 +112,7 @@ forward_headers = ["authorization"]
             done["output"][0]["content"][0]["text"].as_str().unwrap(),
             deltas
         );
-        let u = usage_of(&env, &rid).await;
+        let u = stack::usage_event(&env.nats_url, &env, &rid).await;
         assert!(u.streamed && !u.estimated, "{model}");
         assert_eq!(
             u.tokens.output_tokens,
