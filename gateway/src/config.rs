@@ -149,6 +149,7 @@ impl PricesConfig {
         PriceBook {
             version: self.version,
             models: self.models.clone(),
+            effective_from: None,
         }
     }
 }

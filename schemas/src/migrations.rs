@@ -271,6 +271,94 @@ pub const MIGRATIONS: &[Migration] = &[
             ),
         ],
     },
+    // Billing: a debit carries what it priced (model and token counts), so
+    // invoices are computed from the ledger alone; invoice lines get a line
+    // number so one model and token kind can have a line per unit price (a
+    // price change inside a period); webhook delivery attempts are logged.
+    Migration {
+        version: 6,
+        name: "billing: priced debits, invoice lines per price, webhook deliveries",
+        steps: &[
+            Step::AddColumn {
+                table: "ledger_entries",
+                column: "model",
+                ty: "String",
+            },
+            Step::AddColumn {
+                table: "ledger_entries",
+                column: "input_tokens",
+                ty: "UInt64",
+            },
+            Step::AddColumn {
+                table: "ledger_entries",
+                column: "output_tokens",
+                ty: "UInt64",
+            },
+            Step::AddColumn {
+                table: "ledger_entries",
+                column: "cache_read_tokens",
+                ty: "UInt64",
+            },
+            Step::AddColumn {
+                table: "ledger_entries",
+                column: "cache_write_tokens",
+                ty: "UInt64",
+            },
+            Step::Sql("DROP TABLE IF EXISTS {db}.ledger"),
+            Step::Sql(
+                "CREATE VIEW IF NOT EXISTS {db}.ledger AS
+                 SELECT entry_id, tenant_id, kind, amount, occurred_at, grant_id, key_id,
+                        event_id, price_version, note, model, input_tokens, output_tokens,
+                        cache_read_tokens, cache_write_tokens
+                 FROM {db}.ledger_entries FINAL",
+            ),
+            Step::Sql(
+                "CREATE TABLE IF NOT EXISTS {db}.invoice_lines_v2 (
+                    invoice_id String,
+                    tenant_id String,
+                    line_no UInt32,
+                    model String,
+                    token_kind String,
+                    quantity UInt64,
+                    unit_price Decimal(38, 12),
+                    amount Decimal(38, 12),
+                    price_version UInt64,
+                    version UInt64
+                ) ENGINE = ReplacingMergeTree(version)
+                ORDER BY (tenant_id, invoice_id, line_no)",
+            ),
+            Step::Sql(
+                "INSERT INTO {db}.invoice_lines_v2
+                 SELECT invoice_id, tenant_id, 0, model, token_kind, quantity, unit_price,
+                        amount, 0, version
+                 FROM {db}.invoice_lines_store FINAL
+                 WHERE (SELECT count() FROM {db}.invoice_lines_v2) = 0",
+            ),
+            Step::Sql("DROP TABLE IF EXISTS {db}.invoice_lines"),
+            Step::Sql(
+                "CREATE VIEW IF NOT EXISTS {db}.invoice_lines AS
+                 SELECT invoice_id, tenant_id, line_no, model, token_kind, quantity, unit_price,
+                        amount, price_version
+                 FROM {db}.invoice_lines_v2 FINAL",
+            ),
+            Step::Sql(
+                "CREATE TABLE IF NOT EXISTS {db}.webhook_deliveries (
+                    delivery_id String,
+                    attempt UInt32,
+                    endpoint_id String,
+                    tenant_id String,
+                    event_type String,
+                    attempted_at DateTime('UTC'),
+                    status_code UInt16,
+                    outcome String,
+                    error String,
+                    next_attempt_at Nullable(DateTime('UTC'))
+                ) ENGINE = ReplacingMergeTree()
+                PARTITION BY toYYYYMM(attempted_at)
+                ORDER BY (tenant_id, delivery_id, attempt)",
+            ),
+        ],
+    },
 ];
 
 fn check_db(db: &str) -> Result<(), MigrationError> {

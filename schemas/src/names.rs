@@ -16,8 +16,13 @@ pub const DEADLETTER_STREAM: &str = "TOLLGATE_DEADLETTER";
 pub const KV_KEYS: &str = "tollgate_keys";
 /// Quota states per tenant and key, written by billing.
 pub const KV_QUOTA: &str = "tollgate_quota";
-/// The versioned price book, written by billing.
+/// The versioned price book, written by billing: one key per version.
 pub const KV_PRICES: &str = "tollgate_prices";
+/// Billing's own durable state: tenants, credit grants, webhook endpoints,
+/// finalized invoices (one bucket, keys prefixed by record type).
+pub const KV_BILLING: &str = "tollgate_billing";
+/// Webhook deliveries waiting to be sent (billing's durable queue).
+pub const WEBHOOKS_STREAM: &str = "TOLLGATE_WEBHOOKS";
 
 /// The concrete names one deployment (or one test) uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub struct Names {
     pub kv_keys: String,
     pub kv_quota: String,
     pub kv_prices: String,
+    pub kv_billing: String,
+    pub webhooks_stream: String,
 }
 
 impl Default for Names {
@@ -46,6 +53,8 @@ impl Names {
             kv_keys: KV_KEYS.to_owned(),
             kv_quota: KV_QUOTA.to_owned(),
             kv_prices: KV_PRICES.to_owned(),
+            kv_billing: KV_BILLING.to_owned(),
+            webhooks_stream: WEBHOOKS_STREAM.to_owned(),
         }
     }
 
@@ -62,6 +71,8 @@ impl Names {
             kv_keys: format!("{ns}_{KV_KEYS}"),
             kv_quota: format!("{ns}_{KV_QUOTA}"),
             kv_prices: format!("{ns}_{KV_PRICES}"),
+            kv_billing: format!("{ns}_{KV_BILLING}"),
+            webhooks_stream: format!("{ns}_{WEBHOOKS_STREAM}"),
         }
     }
 
@@ -86,6 +97,16 @@ impl Names {
             .strip_prefix(&format!("{}.", self.root))
             .unwrap_or(origin_subject);
         format!("{}.deadletter.{}", self.root, tail)
+    }
+
+    /// Subject of webhook deliveries to endpoint `endpoint_id`.
+    pub fn webhook_subject(&self, endpoint_id: &str) -> String {
+        format!("{}.webhooks.{}", self.root, endpoint_id)
+    }
+
+    /// Matches every webhook delivery.
+    pub fn webhooks_filter(&self) -> String {
+        format!("{}.webhooks.>", self.root)
     }
 
     pub fn deadletter_filter(&self) -> String {

@@ -1,6 +1,6 @@
 //! Records that live in JetStream KV and cross process boundaries: API keys
-//! (written by billing or `tollgate-gateway put-key`, read by gateways) and the
-//! versioned price book.
+//! (written by billing or `tollgate-gateway put-key`, read by gateways), the
+//! versioned price book and quota states (written by billing, read by gateways).
 
 use std::collections::BTreeMap;
 
@@ -107,10 +107,95 @@ impl ModelPrice {
 }
 
 /// One version of the price book: every model's price.
+///
+/// In the prices bucket each version is its own key ([`price_book_key`]) and
+/// is never rewritten, so history is kept and billing can price any event at
+/// the version it carries. A gateway uses the highest version whose
+/// `effective_from` has passed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriceBook {
     pub version: u64,
     pub models: BTreeMap<String, ModelPrice>,
+    /// When this version takes over; `None` = as soon as it is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_from: Option<DateTime<Utc>>,
+}
+
+/// KV key of price-book version `version` (zero-padded, so keys sort by version).
+pub fn price_book_key(version: u64) -> String {
+    format!("v.{version:020}")
+}
+
+/// Which budget a quota state describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaScope {
+    /// A tenant's credit balance (prepaid) or monthly limit (postpaid).
+    Tenant,
+    /// A key's own spend budget.
+    Key,
+}
+
+impl QuotaScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaScope::Tenant => "tenant",
+            QuotaScope::Key => "key",
+        }
+    }
+}
+
+/// `ok`, `warning` (a threshold of the limit is used) or `exhausted` (≤ 0 left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaLevel {
+    Ok,
+    Warning,
+    Exhausted,
+}
+
+impl QuotaLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaLevel::Ok => "ok",
+            QuotaLevel::Warning => "warning",
+            QuotaLevel::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// A quota snapshot billing writes to the quota bucket under [`quota_key`].
+///
+/// Gateways admit a request while `remaining` minus their own spend on events
+/// after `priced_seq` (and on events the bus has not acknowledged yet) is
+/// above zero (ARCHITECTURE.md, "Local debit").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaState {
+    pub scope: QuotaScope,
+    /// Tenant id or key id.
+    pub id: String,
+    pub tenant_id: String,
+    pub state: QuotaLevel,
+    /// USD left; `None` = unlimited.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub remaining: Option<Decimal>,
+    /// The amount the thresholds are fractions of (live grants, budget or
+    /// monthly limit); `None` = unlimited.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub limit: Option<Decimal>,
+    /// The highest warning threshold (a fraction of `limit`) reached, if any.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub threshold: Option<Decimal>,
+    /// Only ever increases; a gateway ignores a snapshot older than the one it has.
+    pub version: u64,
+    /// Billing has priced every usage event up to this event-stream position.
+    pub priced_seq: u64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// KV key of a quota state: `tenant.<id>` or `key.<id>`.
+pub fn quota_key(scope: QuotaScope, id: &str) -> String {
+    format!("{}.{id}", scope.as_str())
 }
 
 impl PriceBook {
@@ -155,6 +240,34 @@ mod tests {
     fn prices_with_more_than_6_places_are_refused() {
         assert!(price("0.1234567", "1").validate().is_err());
         assert!(price("0.123456", "1").validate().is_ok());
+    }
+
+    #[test]
+    fn price_book_keys_sort_by_version() {
+        assert!(price_book_key(9) < price_book_key(10));
+        let old: PriceBook = serde_json::from_str(r#"{"version":1,"models":{}}"#).unwrap();
+        assert_eq!(old.effective_from, None);
+    }
+
+    #[test]
+    fn quota_state_round_trips_with_string_decimals() {
+        let q = QuotaState {
+            scope: QuotaScope::Tenant,
+            id: "acme".into(),
+            tenant_id: "acme".into(),
+            state: QuotaLevel::Warning,
+            remaining: Some("0.25".parse().unwrap()),
+            limit: Some("2".parse().unwrap()),
+            threshold: Some("0.8".parse().unwrap()),
+            version: 7,
+            priced_seq: 42,
+            updated_at: Utc::now(),
+        };
+        let json = serde_json::to_value(&q).unwrap();
+        assert_eq!(json["remaining"], "0.25");
+        assert_eq!(json["state"], "warning");
+        assert_eq!(quota_key(q.scope, &q.id), "tenant.acme");
+        assert_eq!(serde_json::from_value::<QuotaState>(json).unwrap(), q);
     }
 
     #[test]
