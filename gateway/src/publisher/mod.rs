@@ -82,6 +82,16 @@
 //! `channel_capacity` events. The `rejected/` files are not counted and not
 //! bounded; they only grow on bus-side refusals, which are errors to act on.
 //!
+//! # Acknowledgements
+//!
+//! [`Publisher::start_with_ack`] takes an [`AckHook`], called by the worker
+//! with every message the bus has acknowledged (published directly, replayed
+//! from the spool or flushed at shutdown) and its position in the stream. A
+//! duplicate's receipt carries the original's position, so the hook sees the
+//! position the event really has. Parked (rejected) messages are never
+//! acknowledged. The local quota debit (`crate::quota`) uses it to learn which
+//! stream position each of its usage events got.
+//!
 //! # Shutdown
 //!
 //! [`PublisherHandle::shutdown`] closes the channel (later `publish` calls go
@@ -165,6 +175,11 @@ impl Default for PublisherConfig {
     }
 }
 
+/// Called by the worker with each message the bus acknowledged and its
+/// position in the stream. It runs on the worker task: keep it short, and
+/// never block.
+pub type AckHook = Arc<dyn Fn(&Outgoing, u64) + Send + Sync>;
+
 /// Hands events to the worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -221,6 +236,16 @@ impl Publisher {
         bus: Arc<dyn EventBus>,
         config: PublisherConfig,
     ) -> io::Result<(Publisher, PublisherHandle)> {
+        Self::start_with_ack(bus, config, None).await
+    }
+
+    /// [`Publisher::start`], calling `on_ack` with every message the bus
+    /// acknowledges (see the module docs, "Acknowledgements").
+    pub async fn start_with_ack(
+        bus: Arc<dyn EventBus>,
+        config: PublisherConfig,
+        on_ack: Option<AckHook>,
+    ) -> io::Result<(Publisher, PublisherHandle)> {
         let stats = Arc::new(SpoolStats::default());
         let (dir, segment_max, for_open) = (
             config.spool_dir.clone(),
@@ -255,6 +280,7 @@ impl Publisher {
             rx,
             stop_rx,
             &config,
+            on_ack,
         );
         let task = tokio::spawn(worker.run());
         let publisher = Publisher {

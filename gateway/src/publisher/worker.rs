@@ -19,7 +19,7 @@ use tollgate_schemas::bus::{BusError, BusErrorKind, EventBus, Outgoing, PublishR
 use tracing::{debug, error, info, warn};
 
 use super::spool::Spool;
-use super::{PublisherConfig, State, lock};
+use super::{AckHook, PublisherConfig, State, lock};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
@@ -38,6 +38,7 @@ pub(super) struct Worker {
     deadline: Option<Instant>,
     /// Every `Publisher` is gone and the channel is empty.
     channel_closed: bool,
+    on_ack: Option<AckHook>,
 }
 
 impl Worker {
@@ -48,6 +49,7 @@ impl Worker {
         rx: mpsc::Receiver<Outgoing>,
         stop: watch::Receiver<Option<Instant>>,
         config: &PublisherConfig,
+        on_ack: Option<AckHook>,
     ) -> Self {
         Self {
             bus,
@@ -63,6 +65,7 @@ impl Worker {
             ),
             deadline: None,
             channel_closed: false,
+            on_ack,
         }
     }
 
@@ -116,7 +119,10 @@ impl Worker {
         let (mut ok, mut retry, mut rejected, mut cause) = (0u64, Vec::new(), Vec::new(), None);
         for (msg, result) in batch.into_iter().zip(results) {
             match result {
-                Ok(_) => ok += 1,
+                Ok(receipt) => {
+                    ok += 1;
+                    self.acked(&msg, receipt.position);
+                }
                 Err(e) if e.is_retryable() => {
                     cause = Some(e);
                     retry.push(msg);
@@ -171,7 +177,10 @@ impl Worker {
         let (mut acked, mut ok, mut rejected, mut cause) = (0usize, 0u64, Vec::new(), None);
         for (msg, result) in msgs.into_iter().zip(results) {
             match result {
-                Ok(_) => ok += 1,
+                Ok(receipt) => {
+                    ok += 1;
+                    self.acked(&msg, receipt.position);
+                }
                 Err(e) if e.is_retryable() => {
                     cause = Some(e);
                     break;
@@ -417,6 +426,12 @@ impl Worker {
             spool_events = self.state.spool.events(),
             "event publisher stopped"
         );
+    }
+
+    fn acked(&self, msg: &Outgoing, position: u64) {
+        if let Some(hook) = &self.on_ack {
+            hook(msg, position);
+        }
     }
 
     fn set_healthy(&self, healthy: bool) {
