@@ -2,7 +2,7 @@
 //!
 //! Shutdown order: cancel → stop accepting and drain in-flight requests and
 //! streams (axum's graceful shutdown) → flush the event publisher (publish
-//! or spool everything produced) → stop the key watch.
+//! or spool everything produced) → stop the key, quota and price watches.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -17,13 +17,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Names;
 use tollgate_schemas::bus::{EventBus, JetStreamBus, StreamSettings};
+use tollgate_schemas::events::EventKind;
 use tollgate_schemas::records::PriceBook;
 
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::error::{ApiStyle, GatewayError};
 use crate::limits::Limits;
-use crate::publisher::{Publisher, PublisherConfig};
+use crate::prices::PriceFeed;
+use crate::publisher::{AckHook, Publisher, PublisherConfig, PublisherHandle};
+use crate::quota::Quotas;
 use crate::routing::Router as ModelRouter;
 use crate::{anthropic, openai, telemetry};
 
@@ -33,6 +36,8 @@ pub struct AppState {
     pub router: ModelRouter,
     pub keys: KeyStore,
     pub limits: Limits,
+    pub quotas: Quotas,
+    /// The book in force: billing's from KV ([`PriceFeed`]), else the config's.
     pub prices: RwLock<Arc<PriceBook>>,
     pub bus: Arc<dyn EventBus>,
     pub publisher: Publisher,
@@ -55,8 +60,10 @@ impl AppState {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
 
-/// Connects to NATS, opens the key store and the publisher.
-pub async fn build(config: Config) -> anyhow::Result<(App, crate::publisher::PublisherHandle)> {
+/// Connects to NATS, opens the key store, loads the quota states and the
+/// price book, starts the publisher (telling the quotas what the bus
+/// acknowledged). The price feed is returned to be run.
+pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, PriceFeed)> {
     crate::tokens::warm_up();
     let names = Names::namespaced(&config.nats.namespace);
     let settings = StreamSettings {
@@ -66,20 +73,34 @@ pub async fn build(config: Config) -> anyhow::Result<(App, crate::publisher::Pub
     };
     let jsbus = JetStreamBus::connect(&config.nats.url, names.clone(), settings).await?;
     let keys = KeyStore::open(jsbus.jetstream(), &names.kv_keys).await?;
+    let quotas = Quotas::open(jsbus.jetstream(), &names.kv_quota).await?;
+    let prices = PriceFeed::open(jsbus.jetstream(), &names.kv_prices, config.prices.book()).await?;
+    let book = prices.in_force(chrono::Utc::now());
+    metrics::gauge!("tollgate_gateway_price_book_version").set(book.version as f64);
     let bus: Arc<dyn EventBus> = Arc::new(jsbus);
-    let (publisher, handle) = Publisher::start(
+    let on_ack: AckHook = {
+        let (names, quotas) = (names.clone(), quotas.clone());
+        Arc::new(move |msg, position| {
+            if names.kind_of_subject(&msg.subject) == Some(EventKind::Usage) {
+                quotas.acknowledged(&msg.id, position);
+            }
+        })
+    };
+    let (publisher, handle) = Publisher::start_with_ack(
         bus.clone(),
         PublisherConfig {
             spool_dir: config.data_dir.join("spool"),
             spool_max_bytes: config.spool.max_bytes,
             ..PublisherConfig::default()
         },
+        Some(on_ack),
     )
     .await?;
     let state = AppState {
         router: ModelRouter::new(&config)?,
         limits: Limits::new(&config.limits),
-        prices: RwLock::new(Arc::new(config.prices.book())),
+        quotas,
+        prices: RwLock::new(book),
         names,
         keys,
         bus,
@@ -87,7 +108,7 @@ pub async fn build(config: Config) -> anyhow::Result<(App, crate::publisher::Pub
         metrics: telemetry::prometheus(),
         config,
     };
-    Ok((Arc::new(state), handle))
+    Ok((Arc::new(state), handle, prices))
 }
 
 pub fn routes(app: App) -> Router {
@@ -115,9 +136,13 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (app, publisher_handle) = build(config).await?;
+    let (app, publisher_handle, prices) = build(config).await?;
     let cancel = CancellationToken::new();
-    let watch = tokio::spawn(app.keys.clone().watch(cancel.clone()));
+    let watches = [
+        tokio::spawn(app.keys.clone().watch(cancel.clone())),
+        tokio::spawn(app.quotas.clone().watch(cancel.clone())),
+        tokio::spawn(prices.run(app.clone(), cancel.clone())),
+    ];
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     let served = axum::serve(listener, routes(app.clone()).into_make_service())
         .with_graceful_shutdown(shutdown)
@@ -125,7 +150,9 @@ pub async fn run(
     tracing::info!("gateway draining: flushing events");
     publisher_handle.shutdown(Duration::from_secs(30)).await;
     cancel.cancel();
-    let _ = watch.await;
+    for watch in watches {
+        let _ = watch.await;
+    }
     served?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tollgate_schemas::records::QuotaScope;
 
 /// Which API's conventions a route follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,9 @@ pub enum GatewayError {
     },
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
+    /// The tenant's credit (or spend limit) or the key's budget is used up.
+    #[error("{}", quota_message(*.scope, ApiStyle::OpenAi))]
+    InsufficientQuota { scope: QuotaScope },
     #[error("the gateway is not accepting work right now: {0}")]
     Unavailable(&'static str),
     #[error("internal error")]
@@ -91,6 +95,7 @@ impl GatewayError {
         }
     }
 
+    /// The status on an OpenAI route; see [`GatewayError::status_for`].
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingKey | Self::InvalidKey(_) => StatusCode::UNAUTHORIZED,
@@ -102,8 +107,18 @@ impl GatewayError {
             Self::Upstream { status, .. } => *status,
             Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The status in `style`'s convention: the two APIs differ only on
+    /// insufficient quota (OpenAI 429, Anthropic 400).
+    pub fn status_for(&self, style: ApiStyle) -> StatusCode {
+        match (self, style) {
+            (Self::InsufficientQuota { .. }, ApiStyle::Anthropic) => StatusCode::BAD_REQUEST,
+            _ => self.status(),
         }
     }
 
@@ -126,6 +141,7 @@ impl GatewayError {
             Self::Upstream { .. } => ("api_error", Some("upstream_error")),
             Self::UpstreamRateLimited { .. } => ("requests", Some("upstream_rate_limited")),
             Self::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
+            Self::InsufficientQuota { .. } => ("insufficient_quota", Some("insufficient_quota")),
             Self::Unavailable(_) => ("api_error", Some("service_unavailable")),
             Self::Internal(_) => ("api_error", None),
         }
@@ -137,9 +153,10 @@ impl GatewayError {
             Self::MissingKey | Self::InvalidKey(_) => "authentication_error",
             Self::ModelNotAllowed(_) => "permission_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
-            Self::BadRequest { .. } | Self::PayloadTooLarge(_) | Self::MethodNotAllowed(_) => {
-                "invalid_request_error"
-            }
+            Self::BadRequest { .. }
+            | Self::PayloadTooLarge(_)
+            | Self::MethodNotAllowed(_)
+            | Self::InsufficientQuota { .. } => "invalid_request_error",
             Self::RateLimited { .. } | Self::UpstreamRateLimited { .. } => "rate_limit_error",
             Self::Unavailable(_) => "overloaded_error",
             Self::Upstream { status, .. } if status.as_u16() == 529 => "overloaded_error",
@@ -147,8 +164,13 @@ impl GatewayError {
         }
     }
 
-    /// The type name callers see, for request events and metrics.
+    /// The type name callers see, for request events and metrics; a quota
+    /// refusal is `insufficient_quota` on both APIs (Anthropic's body says
+    /// `invalid_request_error`), so refusals are counted the same way.
     pub fn type_name(&self, style: ApiStyle) -> &'static str {
+        if matches!(self, Self::InsufficientQuota { .. }) {
+            return "insufficient_quota";
+        }
         match style {
             ApiStyle::OpenAi => self.openai_type_code().0,
             ApiStyle::Anthropic => self.anthropic_type(),
@@ -156,8 +178,9 @@ impl GatewayError {
     }
 
     pub fn into_response_for(self, style: ApiStyle) -> Response {
-        let status = self.status();
+        let status = self.status_for(style);
         let message = match &self {
+            Self::InsufficientQuota { scope } => quota_message(*scope, style).to_owned(),
             // Never echo internals to a client.
             Self::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
@@ -211,9 +234,69 @@ impl GatewayError {
     }
 }
 
+/// What a client refused for quota reads, in each API's wording (Anthropic's
+/// own answer starts "Your credit balance is too low").
+pub fn quota_message(scope: QuotaScope, style: ApiStyle) -> &'static str {
+    match (scope, style) {
+        (QuotaScope::Tenant, ApiStyle::OpenAi) => {
+            "You exceeded your current quota: your credit balance (or monthly spend limit) is used up. Please add credits or raise the limit in Tollgate billing, then retry."
+        }
+        (QuotaScope::Key, ApiStyle::OpenAi) => {
+            "You exceeded your current quota: this API key's budget is used up. Please raise the key's budget or use another key."
+        }
+        (QuotaScope::Tenant, ApiStyle::Anthropic) => {
+            "Your credit balance is too low to access the Tollgate API. Please add credits or raise your spend limit in Tollgate billing, then retry."
+        }
+        (QuotaScope::Key, ApiStyle::Anthropic) => {
+            "Your credit balance is too low to access the Tollgate API with this API key: its budget is used up. Please raise the key's budget or use another key."
+        }
+    }
+}
+
 /// Errors outside a handler's knowledge of its style default to OpenAI's.
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         self.into_response_for(ApiStyle::OpenAi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    async fn render(e: GatewayError, style: ApiStyle) -> (StatusCode, serde_json::Value) {
+        let resp = e.into_response_for(style);
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn insufficient_quota_in_each_apis_convention() {
+        let tenant = || GatewayError::InsufficientQuota {
+            scope: QuotaScope::Tenant,
+        };
+        let (status, body) = render(tenant(), ApiStyle::OpenAi).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body["error"]["type"], "insufficient_quota");
+        assert_eq!(body["error"]["code"], "insufficient_quota");
+        assert!(body["error"]["param"].is_null());
+        let (status, body) = render(tenant(), ApiStyle::Anthropic).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Your credit balance is too low")
+        );
+        for style in [ApiStyle::OpenAi, ApiStyle::Anthropic] {
+            assert_eq!(tenant().type_name(style), "insufficient_quota");
+        }
     }
 }

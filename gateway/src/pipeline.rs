@@ -1,7 +1,8 @@
 //! The request pipeline every model route shares.
 //!
 //! authenticate → read and validate the body → resolve the model (404
-//! unknown, 403 not allowed) → limits → upstream with failover (translating
+//! unknown, 403 not allowed) → quota (the local debit estimate, see
+//! [`crate::quota`]) → limits → upstream with failover (translating
 //! the request when the deployment speaks the other format) → relay, plain or
 //! SSE (translating back) → a usage event with the exact cost. Every request,
 //! refused or not, also produces a request event. One pipeline, whatever the
@@ -473,6 +474,7 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
     let stream = validate(ctx.surface, &req)?;
     ctx.streamed = stream;
     resolve_model(&app, &key, &model)?;
+    app.quotas.check(&key)?;
     if app.publisher.spool_full() {
         return Err(GatewayError::Unavailable("the event spool is full"));
     }
@@ -574,7 +576,9 @@ struct Finish {
 }
 
 impl Finish {
-    /// Prices `tokens`, publishes the usage event, returns the cost.
+    /// Prices `tokens`, debits the cost locally (before the response
+    /// completes: see [`crate::quota`]), publishes the usage event, returns
+    /// the cost.
     fn record(
         &self,
         tokens: TokenCounts,
@@ -608,6 +612,10 @@ impl Finish {
             price_version: book.version,
             cost,
         });
+        // Debit before emitting, so the bus's acknowledgement always finds it.
+        self.app
+            .quotas
+            .debit(&self.key, &event.meta().id.to_string(), cost);
         events::emit(&self.app, &event, &self.traceparent);
         for (kind, n) in [
             ("input", tokens.input_tokens),

@@ -1,0 +1,209 @@
+//! The price book in force, followed from billing's prices bucket.
+//!
+//! Billing writes each price-book version under its own key
+//! ([`price_book_key`](tollgate_schemas::records::price_book_key)) and never
+//! rewrites one. The gateway loads every version at start-up, then follows
+//! the bucket ([`crate::kv_follow`]), keeping every version it has seen. The
+//! book in force is the highest version whose `effective_from` is unset or
+//! has passed; a ticker re-evaluates that every [`TICK`], so a version
+//! written ahead of time takes over on time (within a tick), and one written
+//! for now within the watch's latency. Both are well inside the 2 s
+//! ARCHITECTURE.md promises. While the bucket holds no version in force, the
+//! config's `[prices]` book is used, as before billing existed.
+//!
+//! The book is read once per request, when its usage is priced
+//! ([`AppState::price_book`]): a request finishing just after a switch is
+//! priced at the new version, and its usage event says so (`price_version`),
+//! which is what billing prices it at.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tollgate_schemas::records::PriceBook;
+
+use crate::app::AppState;
+use crate::kv_follow;
+
+/// How often the book in force is re-evaluated against the clock.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Every price-book version seen in the bucket, and the watch that follows it.
+pub struct PriceFeed {
+    kv: kv::Store,
+    /// The watch opened by the initial load, for [`PriceFeed::run`] to continue.
+    watch: Mutex<Option<kv::Watch>>,
+    versions: Mutex<BTreeMap<u64, Arc<PriceBook>>>,
+    fallback: Arc<PriceBook>,
+}
+
+impl PriceFeed {
+    /// Opens (creating if needed) the prices bucket and loads every version
+    /// in it; `fallback` (the config's book) is in force until one is.
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+        fallback: PriceBook,
+    ) -> anyhow::Result<Self> {
+        let kv = tollgate_schemas::kv::ensure(js, bucket, 1).await?;
+        let mut watch = kv_follow::subscribe(&kv).await?;
+        let loaded = kv_follow::load(&kv, &mut watch, "prices", Duration::from_secs(10)).await?;
+        let feed = Self {
+            kv,
+            watch: Mutex::new(Some(watch)),
+            versions: Mutex::new(BTreeMap::new()),
+            fallback: Arc::new(fallback),
+        };
+        for entry in loaded {
+            feed.apply(&entry);
+        }
+        Ok(feed)
+    }
+
+    /// The book in force at `now`.
+    pub fn in_force(&self, now: DateTime<Utc>) -> Arc<PriceBook> {
+        in_force(&self.versions.lock(), now).unwrap_or_else(|| self.fallback.clone())
+    }
+
+    /// Follows the bucket and the clock until `shutdown`, writing the book in
+    /// force to `app.prices` whenever it changes.
+    pub async fn run(self, app: Arc<AppState>, shutdown: CancellationToken) {
+        install(&app, self.in_force(Utc::now()));
+        let watch = self.watch.lock().take();
+        let follow = async {
+            kv_follow::follow(&self.kv, "prices", watch, &shutdown, |entry| {
+                self.apply(&entry);
+                install(&app, self.in_force(Utc::now()));
+            })
+            .await;
+        };
+        let tick = async {
+            let mut ticker = tokio::time::interval(TICK);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = ticker.tick() => install(&app, self.in_force(Utc::now())),
+                }
+            }
+        };
+        tokio::join!(follow, tick);
+    }
+
+    /// Records one bucket entry; unreadable ones are logged and skipped.
+    fn apply(&self, entry: &kv::Entry) {
+        if !entry.key.starts_with("v.") {
+            return;
+        }
+        match entry.operation {
+            kv::Operation::Put => match decode(&entry.value) {
+                Ok(book) => {
+                    self.versions.lock().insert(book.version, Arc::new(book));
+                }
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "unreadable price book; ignored")
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Some(version) = entry
+                    .key
+                    .strip_prefix("v.")
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    self.versions.lock().remove(&version);
+                }
+            }
+        }
+    }
+}
+
+/// The highest version in force at `now`, if any.
+pub fn in_force(
+    versions: &BTreeMap<u64, Arc<PriceBook>>,
+    now: DateTime<Utc>,
+) -> Option<Arc<PriceBook>> {
+    versions
+        .values()
+        .rev()
+        .find(|b| b.effective_from.is_none_or(|t| t <= now))
+        .cloned()
+}
+
+/// A price book from the bucket, with every price valid.
+pub fn decode(bytes: &[u8]) -> Result<PriceBook, String> {
+    let book: PriceBook = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    for (model, price) in &book.models {
+        price
+            .validate()
+            .map_err(|e| format!("model {model}: {e}"))?;
+    }
+    Ok(book)
+}
+
+/// Makes `book` the one requests are priced with, if it is not already.
+fn install(app: &AppState, book: Arc<PriceBook>) {
+    let mut current = match app.prices.write() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if Arc::ptr_eq(&current, &book) {
+        return;
+    }
+    tracing::info!(
+        version = book.version,
+        previous = current.version,
+        effective_from = ?book.effective_from,
+        "price book version now in force"
+    );
+    metrics::gauge!("tollgate_gateway_price_book_version").set(book.version as f64);
+    *current = book;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn book(version: u64, effective_from: Option<DateTime<Utc>>) -> Arc<PriceBook> {
+        Arc::new(PriceBook {
+            version,
+            models: BTreeMap::new(),
+            effective_from,
+        })
+    }
+
+    #[test]
+    fn the_highest_version_already_effective_is_in_force() {
+        let now = Utc::now();
+        let mut versions = BTreeMap::new();
+        assert!(in_force(&versions, now).is_none());
+        versions.insert(1, book(1, None));
+        versions.insert(2, book(2, Some(now - chrono::Duration::seconds(5))));
+        versions.insert(3, book(3, Some(now + chrono::Duration::seconds(5))));
+        assert_eq!(in_force(&versions, now).unwrap().version, 2);
+        assert_eq!(
+            in_force(&versions, now + chrono::Duration::seconds(5))
+                .unwrap()
+                .version,
+            3
+        );
+        let mut only_future = BTreeMap::new();
+        only_future.insert(9, book(9, Some(now + chrono::Duration::seconds(1))));
+        assert!(in_force(&only_future, now).is_none());
+    }
+
+    #[test]
+    fn invalid_prices_are_refused() {
+        let ok =
+            r#"{"version":2,"models":{"m":{"input_per_million":"1","output_per_million":"2"}}}"#;
+        assert_eq!(decode(ok.as_bytes()).unwrap().version, 2);
+        let bad = r#"{"version":2,"models":{"m":{"input_per_million":"0.1234567","output_per_million":"2"}}}"#;
+        assert!(decode(bad.as_bytes()).is_err());
+        assert!(decode(b"not json").is_err());
+    }
+}
