@@ -11,7 +11,7 @@ use tollgate_gateway::Config;
 use tollgate_gateway::auth::KeyStore;
 use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, StreamSettings};
 use tollgate_schemas::events::{Event, EventKind, UsageEvent};
-use tollgate_schemas::records::KeyRecord;
+use tollgate_schemas::records::{KeyRecord, PriceBook, QuotaState, price_book_key, quota_key};
 
 use crate::harness::TestEnv;
 
@@ -180,6 +180,44 @@ pub async fn put_key(nats_url: &str, env: &TestEnv, secret: &str, record: KeyRec
         .put(secret, record)
         .await
         .unwrap();
+}
+
+/// Writes a quota state into the env's quota bucket, as billing does.
+pub async fn put_quota(nats_url: &str, env: &TestEnv, state: &QuotaState) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
+    let kv = tollgate_schemas::kv::ensure(&js, &env.names.kv_quota, 1)
+        .await
+        .unwrap();
+    kv.put(
+        quota_key(state.scope, &state.id),
+        serde_json::to_vec(state).unwrap().into(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Writes a price-book version into the env's prices bucket, as billing does.
+pub async fn put_price_book(nats_url: &str, env: &TestEnv, book: &PriceBook) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
+    let kv = tollgate_schemas::kv::ensure(&js, &env.names.kv_prices, 1)
+        .await
+        .unwrap();
+    kv.put(
+        price_book_key(book.version),
+        serde_json::to_vec(book).unwrap().into(),
+    )
+    .await
+    .unwrap();
+}
+
+/// The position of the newest message in the env's events stream.
+pub async fn stream_head(nats_url: &str, env: &TestEnv) -> u64 {
+    JetStreamBus::connect(nats_url, env.names.clone(), StreamSettings::default())
+        .await
+        .unwrap()
+        .head()
+        .await
+        .unwrap()
 }
 
 /// An unrestricted key of `tenant`.
