@@ -1,6 +1,20 @@
 //! Billing: prices, credits, quota states, invoices and webhooks.
+//!
+//! - [`service`]: the state and the pricing loop (exactly once, see its docs),
+//!   quota snapshots, the ticker and invoices.
+//! - [`ledger`]: credit grants and their burn-down, pure.
+//! - [`invoice`]: invoice lines, the rounding rule and totals, pure.
+//! - [`quota`]: quota levels and the webhook crossings, pure.
+//! - [`webhooks`]: endpoints, the durable delivery queue and the worker.
+//! - [`admin`]: the admin and tenant HTTP APIs; [`app`]: the lifecycle.
 
+pub mod admin;
 pub mod api_error;
+pub mod app;
+pub mod config;
 pub mod invoice;
 pub mod ledger;
+pub mod quota;
+pub mod service;
+pub mod store;
 pub mod webhooks;

@@ -5,3 +5,4 @@
 pub mod harness;
 pub mod mock;
 pub mod stack;
+pub mod billing;

@@ -157,12 +157,15 @@ impl Hit {
     }
 }
 
+/// Scripted answers: (status, Retry-After seconds).
+type Script = Arc<Mutex<VecDeque<(u16, Option<u64>)>>>;
+
 /// A tenant's webhook server: answers from a script (status, Retry-After),
 /// then 200, and records every request.
 #[derive(Clone, Default)]
 struct Receiver {
     hits: Arc<Mutex<Vec<Hit>>>,
-    script: Arc<Mutex<VecDeque<(u16, Option<u64>)>>>,
+    script: Script,
 }
 
 impl Receiver {

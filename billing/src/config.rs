@@ -1,0 +1,314 @@
+//! Billing's configuration: TOML file, then `TOLLGATE_BILLING__SECTION__KEY`
+//! environment overrides; unknown keys are errors.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8081"
+//! admin_key_file = "/etc/tollgate/admin_key"   # or admin_key = "..." (or TOLLGATE_ADMIN_KEY)
+//! warning_thresholds = ["0.8", "0.95"]          # fractions of the limit used
+//!
+//! [nats]
+//! url = "nats://127.0.0.1:4222"
+//! namespace = ""
+//!
+//! [clickhouse]
+//! url = "http://127.0.0.1:8123"
+//! database = "tollgate"
+//! user = "default"
+//! password = ""
+//!
+//! [consumer]
+//! durable = "tollgate-billing"
+//!
+//! [webhooks]
+//! allow_private = false       # refuse private and loopback destinations
+//!
+//! [prices.models.gpt-4o-mini]  # seeds price-book version 1 when the bucket is empty
+//! input_per_million = "0.15"
+//! output_per_million = "0.60"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use tollgate_schemas::records::ModelPrice;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The master key for `/admin/*`. Prefer `admin_key_file`.
+    #[serde(default)]
+    pub admin_key: Option<String>,
+    #[serde(default)]
+    pub admin_key_file: Option<PathBuf>,
+    #[serde(default = "default_thresholds", with = "decimal_strings")]
+    pub warning_thresholds: Vec<Decimal>,
+    #[serde(default)]
+    pub nats: NatsConfig,
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    #[serde(default)]
+    pub consumer: ConsumerConfig,
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+    #[serde(default)]
+    pub prices: PricesConfig,
+    /// How often grants' expiry, deferred grants and period ends are checked.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    #[serde(default = "default_clickhouse_url")]
+    pub url: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    #[serde(default = "default_clickhouse_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Billing's durable consumer of usage events. Billing is one process:
+    /// the ledger has a single writer (see the crate docs).
+    #[serde(default = "default_durable")]
+    pub durable: String,
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+    #[serde(default = "default_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    #[serde(default)]
+    pub allow_private: bool,
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default = "default_webhook_max_age")]
+    pub max_age_secs: u64,
+    #[serde(default = "default_backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_max_secs")]
+    pub backoff_max_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricesConfig {
+    /// Seeds price-book version 1 when the prices bucket holds no version.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPrice>,
+}
+
+mod decimal_strings {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Decimal>, D::Error> {
+        let raw = Vec::<String>::deserialize(d)?;
+        raw.iter()
+            .map(|s| s.parse::<Decimal>().map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+fn default_thresholds() -> Vec<Decimal> {
+    vec![Decimal::new(8, 1), Decimal::new(95, 2)]
+}
+fn default_tick_ms() -> u64 {
+    500
+}
+fn default_nats_url() -> String {
+    "nats://127.0.0.1:4222".into()
+}
+fn default_clickhouse_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_database() -> String {
+    "tollgate".into()
+}
+fn default_clickhouse_user() -> String {
+    "default".into()
+}
+fn default_durable() -> String {
+    "tollgate-billing".into()
+}
+fn default_batch() -> usize {
+    1_000
+}
+fn default_wait_ms() -> u64 {
+    200
+}
+fn default_webhook_timeout() -> u64 {
+    10
+}
+fn default_webhook_max_age() -> u64 {
+    3 * 86_400
+}
+fn default_backoff_base_ms() -> u64 {
+    5_000
+}
+fn default_backoff_max_secs() -> u64 {
+    3_600
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: default_nats_url(),
+            namespace: String::new(),
+        }
+    }
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: default_clickhouse_url(),
+            database: default_database(),
+            user: default_clickhouse_user(),
+            password: String::new(),
+        }
+    }
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            durable: default_durable(),
+            max_batch: default_batch(),
+            max_wait_ms: default_wait_ms(),
+        }
+    }
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            timeout_secs: default_webhook_timeout(),
+            max_age_secs: default_webhook_max_age(),
+            backoff_base_ms: default_backoff_base_ms(),
+            backoff_max_secs: default_backoff_max_secs(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_key: None,
+            admin_key_file: None,
+            warning_thresholds: default_thresholds(),
+            nats: NatsConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+            consumer: ConsumerConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            prices: PricesConfig::default(),
+            tick_ms: default_tick_ms(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    pub fn to_webhook_config(&self) -> crate::webhooks::WebhookConfig {
+        crate::webhooks::WebhookConfig {
+            allow_private: self.allow_private,
+            timeout: Duration::from_secs(self.timeout_secs),
+            max_age: Duration::from_secs(self.max_age_secs),
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_max: Duration::from_secs(self.backoff_max_secs),
+        }
+    }
+}
+
+impl Config {
+    /// File (if any), then `TOLLGATE_BILLING__*` variables; `TOLLGATE_ADMIN_KEY`
+    /// sets the master key when nothing else does.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::new();
+        if let Some(p) = path {
+            fig = fig.merge(Toml::file_exact(p));
+        }
+        let mut config: Config = fig
+            .merge(Env::prefixed("TOLLGATE_BILLING__").split("__"))
+            .extract()?;
+        if config.admin_key.is_none() && config.admin_key_file.is_none() {
+            config.admin_key = std::env::var("TOLLGATE_ADMIN_KEY").ok();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for t in &self.warning_thresholds {
+            anyhow::ensure!(
+                *t > Decimal::ZERO && *t < Decimal::ONE,
+                "warning_thresholds must be fractions between 0 and 1, got {t}"
+            );
+        }
+        for (model, p) in &self.prices.models {
+            p.validate()
+                .map_err(|e| anyhow::anyhow!("prices.models.{model}: {e}"))?;
+        }
+        anyhow::ensure!(self.tick_ms > 0, "tick_ms must be positive");
+        Ok(())
+    }
+
+    /// The master key, from `admin_key` or the file `admin_key_file`.
+    pub fn admin_key(&self) -> anyhow::Result<String> {
+        if let Some(k) = &self.admin_key {
+            anyhow::ensure!(
+                k.len() >= 16,
+                "the admin key must be at least 16 characters"
+            );
+            return Ok(k.clone());
+        }
+        if let Some(path) = &self.admin_key_file {
+            let k = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("read admin_key_file {}: {e}", path.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(
+                k.len() >= 16,
+                "the admin key must be at least 16 characters"
+            );
+            return Ok(k);
+        }
+        anyhow::bail!("no admin key: set admin_key_file, admin_key or TOLLGATE_ADMIN_KEY")
+    }
+
+    pub fn thresholds(&self) -> Vec<Decimal> {
+        let mut t = self.warning_thresholds.clone();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
