@@ -59,6 +59,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/admin/tenants/{id}/webhooks"),
     ("get", "/admin/tenants/{id}/webhooks"),
     ("get", "/admin/tenants/{id}/webhooks/{wid}"),
+    ("patch", "/admin/tenants/{id}/webhooks/{wid}"),
     ("delete", "/admin/tenants/{id}/webhooks/{wid}"),
     ("post", "/admin/tenants/{id}/webhooks/{wid}/rotate-secret"),
     ("get", "/admin/tenants/{id}/webhooks/{wid}/deliveries"),
