@@ -9,6 +9,11 @@ gateway's JetStream KV bucket: `TOLLGATE_GATEWAY_BIN` and `TOLLGATE_GATEWAY_CONF
 file; if absent, the newest `target/{debug,release}/tollgate-gateway` and `<env dir>/config/gateway.toml`).
 
 Usage rows are read from ClickHouse over HTTP as the read-only finance user.
+
+The price book comes from billing (`GET /admin/prices` with `TOLLGATE_ADMIN_KEY` on
+`TOLLGATE_BILLING_URL`), each usage row priced at its own `price_version`; when billing is not
+reachable, from the gateway config's `[prices]` as before billing existed. The `billing` fixture is
+an admin client on billing; `webhook_receiver` is a local HTTP server that records every POST.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import re
 import secrets
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -97,6 +104,8 @@ class Stack:
     clickhouse_password: str
     gateway_bin: Path | None
     gateway_config: Path | None
+    billing_url: str = ""
+    admin_key: str = ""
 
     @property
     def openai_base_url(self) -> str:
@@ -140,6 +149,8 @@ def load_stack() -> Stack:
         clickhouse_password=env.get("TOLLGATE_CLICKHOUSE_PASSWORD", ""),
         gateway_bin=gateway_bin,
         gateway_config=gateway_config if gateway_config.is_file() else None,
+        billing_url=env.get("TOLLGATE_BILLING_URL", "").rstrip("/"),
+        admin_key=env.get("TOLLGATE_ADMIN_KEY", ""),
     )
 
 
@@ -414,41 +425,158 @@ def wait_usage(clickhouse: ClickHouse) -> Callable[..., dict[str, Any]]:
     return wait
 
 
-# ---------------------------------------------------------------- the price book in config
+# ---------------------------------------------------------------- the price book
+
+# Token columns of a usage row and the price (per million tokens) of each.
+TOKEN_PRICES = (
+    ("input_tokens", "input_per_million"),
+    ("output_tokens", "output_per_million"),
+    ("cache_read_tokens", "cache_read_per_million"),
+    ("cache_write_tokens", "cache_write_per_million"),
+)
 
 
-@dataclass(frozen=True)
+def _decimal_prices(models: Any) -> dict[str, dict[str, Decimal]]:
+    if not isinstance(models, dict):
+        return {}
+    return {
+        model: {
+            k: Decimal(str(v))
+            for k, v in table.items()
+            if k.endswith("_per_million") and v is not None
+        }
+        for model, table in models.items()
+        if isinstance(table, dict)
+    }
+
+
+def prices_by_column(prices: dict[str, Decimal]) -> dict[str, Decimal]:
+    """Per-million price of each token column, as billing and the gateway price them: cache reads
+    and cache writes default to the input price when the book gives none."""
+    out = {
+        "input_tokens": prices["input_per_million"],
+        "output_tokens": prices["output_per_million"],
+    }
+    out["cache_read_tokens"] = prices.get("cache_read_per_million", out["input_tokens"])
+    out["cache_write_tokens"] = prices.get("cache_write_per_million", out["input_tokens"])
+    return out
+
+
+@dataclass
 class PriceBook:
-    """The gateway config's `[prices]` (USD per million tokens, by public model name)."""
+    """The price book (USD per million tokens, by public model name).
+
+    From billing (`source == "billing"`): `version`/`models` are the book in force when loaded,
+    and `cost(row)` prices a usage row at the row's own `price_version`, fetching that version
+    from billing once (`GET /admin/prices?version=N`). From the gateway config's `[prices]`
+    (`source == "config"`, billing unreachable): rows of another version cannot be priced."""
 
     version: str
     models: dict[str, dict[str, Decimal]]
+    source: str = "config"
+    billing_url: str = ""
+    admin_key: str = field(default="", repr=False)
+    _versions: dict[str, dict[str, dict[str, Decimal]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._versions[self.version] = self.models
+
+    def models_at(self, version: Any) -> dict[str, dict[str, Decimal]] | None:
+        """The models of price-book `version` (None: the config book, and another version)."""
+        version = _version_str(version)
+        with self._lock:
+            if version in self._versions:
+                return self._versions[version]
+        if self.source != "billing":
+            return None
+        r = httpx.get(
+            self.billing_url + "/admin/prices",
+            params={"version": version},
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+            timeout=HTTP_TIMEOUT,
+        )
+        if r.status_code == 404:
+            raise AssertionError(
+                f"a usage row names price-book version {version}, which billing does not know: "
+                f"GET /admin/prices?version={version} -> 404 {r.text[:500]}"
+            )
+        if r.status_code != 200:
+            raise AssertionError(
+                f"GET /admin/prices?version={version} -> {r.status_code} {r.text[:500]}"
+            )
+        body = r.json()
+        got = _version_str(body.get("version"))
+        if got != version:
+            raise AssertionError(f"asked billing for price-book version {version}, got {body}")
+        models = _decimal_prices(body.get("models"))
+        with self._lock:
+            self._versions[version] = models
+        return models
 
     def cost(self, row: dict[str, Any]) -> Decimal | None:
-        """The exact cost of a usage row at this price book, or None if it cannot say (another
-        version, an unpriced model, tokens of a kind without a price)."""
-        if str(row.get("price_version", self.version)) != self.version:
+        """The exact cost of a usage row at its own price-book version, or None if the model is
+        not priced (or, for the config book, the row is of another version)."""
+        version = row.get("price_version")
+        models = self.models_at(self.version if version is None else version)
+        if models is None:
             return None
-        prices = self.models.get(row.get("requested_model") or "")
+        prices = models.get(row.get("requested_model") or "")
         if prices is None:
             return None
+        if "input_per_million" not in prices or "output_per_million" not in prices:
+            return None
+        per_million = prices_by_column(prices)
         total = Decimal(0)
-        for column, price in (
-            ("input_tokens", "input_per_million"),
-            ("output_tokens", "output_per_million"),
-            ("cache_read_tokens", "cache_read_per_million"),
-            ("cache_write_tokens", "cache_write_per_million"),
-        ):
+        for column, _ in TOKEN_PRICES:
             tokens = int(row.get(column) or 0)
-            if tokens == 0:
-                continue
-            if price not in prices:
-                return None
-            total += tokens * prices[price]
+            if tokens:
+                total += tokens * per_million[column]
         return total / Decimal(1_000_000)
 
 
-def load_price_book(stack: Stack) -> PriceBook | None:
+def _version_str(version: Any) -> str:
+    """`3`, `"3"` and `3.0` name the same version."""
+    if isinstance(version, str) and re.fullmatch(r"\s*\d+\s*", version):
+        return str(int(version))
+    if isinstance(version, (int, Decimal)) and not isinstance(version, bool):
+        return str(int(version))
+    return str(version)
+
+
+def load_billing_price_book(stack: Stack) -> PriceBook | None:
+    """The price book in force from billing, or None if billing is not configured or reachable."""
+    if not stack.billing_url or not stack.admin_key:
+        return None
+    try:
+        r = httpx.get(
+            stack.billing_url + "/admin/prices",
+            headers={"Authorization": f"Bearer {stack.admin_key}"},
+            timeout=10,
+        )
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "version" not in body:
+        return None
+    return PriceBook(
+        version=_version_str(body["version"]),
+        models=_decimal_prices(body.get("models")),
+        source="billing",
+        billing_url=stack.billing_url,
+        admin_key=stack.admin_key,
+    )
+
+
+def load_config_price_book(stack: Stack) -> PriceBook | None:
+    """The gateway config's `[prices]` (the price book before billing existed), if any."""
     if stack.gateway_config is None:
         return None
     import tomllib
@@ -461,18 +589,221 @@ def load_price_book(stack: Stack) -> PriceBook | None:
     if not isinstance(prices, dict) or not isinstance(prices.get("models"), dict):
         return None
     return PriceBook(
-        version=str(prices.get("version", "")),
-        models={
-            model: {k: Decimal(str(v)) for k, v in table.items() if k.endswith("_per_million")}
-            for model, table in prices["models"].items()
-            if isinstance(table, dict)
-        },
+        version=_version_str(prices.get("version", "")),
+        models=_decimal_prices(prices["models"]),
     )
+
+
+def load_price_book(stack: Stack) -> PriceBook | None:
+    """Billing's price book (every version, fetched as rows name them), else the config's."""
+    return load_billing_price_book(stack) or load_config_price_book(stack)
 
 
 @pytest.fixture(scope="session")
 def price_book(stack: Stack) -> PriceBook | None:
     return load_price_book(stack)
+
+
+# ---------------------------------------------------------------- billing
+
+
+def api_error_of(r: httpx.Response) -> dict[str, Any]:
+    """The `{"error": {"type", "message"}}` body of a billing error response (asserted)."""
+    try:
+        body = r.json()
+    except ValueError:
+        raise AssertionError(
+            f"{r.request.method} {r.request.url.path} -> {r.status_code}, not JSON: {r.text[:500]}"
+        ) from None
+    err = body.get("error") if isinstance(body, dict) else None
+    assert isinstance(err, dict), f"no error object in {r.status_code} body: {body}"
+    assert isinstance(err.get("type"), str) and err["type"], f"error without a type: {body}"
+    assert isinstance(err.get("message"), str) and err["message"], f"no error message: {body}"
+    return err
+
+
+@pytest.fixture(scope="session")
+def billing(stack: Stack) -> Iterable[httpx.Client]:
+    """An HTTP client on billing (`TOLLGATE_BILLING_URL`) sending the master key."""
+    if not stack.billing_url or not stack.admin_key:
+        pytest.fail(
+            f"TOLLGATE_BILLING_URL and TOLLGATE_ADMIN_KEY must be in {stack.env_file}",
+            pytrace=False,
+        )
+    with httpx.Client(
+        base_url=stack.billing_url,
+        headers={"Authorization": f"Bearer {stack.admin_key}"},
+        timeout=HTTP_TIMEOUT,
+    ) as c:
+        try:
+            c.get("/healthz").raise_for_status()
+        except httpx.HTTPError as exc:
+            pytest.fail(
+                f"billing not healthy at {stack.billing_url}/healthz ({exc!r}); "
+                f"env file {stack.env_file}",
+                pytrace=False,
+            )
+        yield c
+
+
+# ---------------------------------------------------------------- webhook receiver
+
+
+@dataclass
+class Delivery:
+    """One POST the receiver got: lower-cased headers, the raw body, when, and what it answered."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    received_at: float
+    status: int
+
+    @property
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    @property
+    def type(self) -> str | None:
+        body = self.json
+        return body.get("type") if isinstance(body, dict) else None
+
+    @property
+    def webhook_id(self) -> str | None:
+        return self.headers.get("webhook-id")
+
+    def short(self) -> str:
+        return (
+            f"[{self.status}] {self.type} id={self.webhook_id} "
+            f"{self.body[:300].decode(errors='replace')}"
+        )
+
+
+class WebhookReceiver:
+    """A `ThreadingHTTPServer` on 127.0.0.1 that records every POST (any path) and answers
+    `status` (an int, or a callable `Delivery -> int`; 200 by default)."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.status: int | Callable[[Delivery], int] = 200
+        self._cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self._read_body()
+                d = Delivery(
+                    path=self.path,
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    body=body,
+                    received_at=time.time(),
+                    status=200,
+                )
+                status = receiver.status
+                try:
+                    d.status = int(status(d) if callable(status) else status)
+                except Exception:  # noqa: BLE001 - a broken programmed status answers 500
+                    d.status = 500
+                with receiver._cond:
+                    receiver.deliveries.append(d)
+                    receiver._cond.notify_all()
+                self.send_response(d.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _read_body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    out = bytearray()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return bytes(out)
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="webhook-receiver", daemon=True
+        )
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host}:{port}/hooks"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def mark(self) -> int:
+        """A position in the log: `wait_for(..., since=mark)` looks only at later deliveries."""
+        with self._cond:
+            return len(self.deliveries)
+
+    def received(self, event_type: str | None = None, since: int = 0) -> list[Delivery]:
+        """Deliveries (of `event_type`) since `since`, in arrival order, one per `webhook-id`
+        (a redelivery of an id is at-least-once delivery, not a new event)."""
+        with self._cond:
+            seen: set[str] = set()
+            out = []
+            for d in self.deliveries[since:]:
+                if event_type is not None and d.type != event_type:
+                    continue
+                if d.webhook_id is not None:
+                    if d.webhook_id in seen:
+                        continue
+                    seen.add(d.webhook_id)
+                out.append(d)
+            return out
+
+    def wait_for(
+        self,
+        event_type: str,
+        predicate: Callable[[Delivery], bool] | None = None,
+        timeout: float = 10,
+        since: int = 0,
+    ) -> Delivery:
+        """The first delivery (since `since`) of `event_type` satisfying `predicate`, waiting up to
+        `timeout` s; fails with the list of what did arrive."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for d in self.deliveries[since:]:
+                    if d.type == event_type and (predicate is None or predicate(d)):
+                        return d
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        raise AssertionError(
+            f"no {event_type} webhook{' matching the predicate' if predicate else ''} within "
+            f"{timeout} s at {self.url}; received:\n{self.describe()}"
+        )
+
+    def describe(self) -> str:
+        with self._cond:
+            deliveries = list(self.deliveries)
+        if not deliveries:
+            return "  (nothing)"
+        return "\n".join(f"  {i}: {d.short()}" for i, d in enumerate(deliveries))
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterable[WebhookReceiver]:
+    """A webhook receiver on 127.0.0.1 (see `WebhookReceiver`); `.url` is its endpoint."""
+    r = WebhookReceiver()
+    yield r
+    r.close()
 
 
 # ---------------------------------------------------------------- what the demo config offers
