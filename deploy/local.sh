@@ -164,10 +164,37 @@ start_mock() {
 start_gateway() {
   mkdir -p "$LOCAL/config" "$LOCAL/gateway"
   render "$ROOT/deploy/gateway.local.toml.in" "$LOCAL/config/gateway.toml"
-  "$BIN/tollgate-gateway" --config "$LOCAL/config/gateway.toml" put-key \
-    --secret "$DEMO_KEY" --tenant demo --key-id demo-key --name "demo key" >/dev/null
   start gateway env OTEL_SERVICE_NAME=tollgate-gateway RUST_LOG="${RUST_LOG:-info}" "$BIN/tollgate-gateway" --config "$LOCAL/config/gateway.toml" run
   wait_http gateway "http://127.0.0.1:$GATEWAY_PORT/readyz"
+}
+
+start_billing() {
+  mkdir -p "$LOCAL/config"
+  render "$ROOT/deploy/billing.local.toml.in" "$LOCAL/config/billing.toml"
+  start billing env OTEL_SERVICE_NAME=tollgate-billing RUST_LOG="${RUST_LOG:-info}" "$BIN/tollgate-billing" --config "$LOCAL/config/billing.toml"
+  wait_http billing "http://127.0.0.1:$BILLING_PORT/healthz"
+}
+
+# The demo tenant (postpaid, no limit) and its key come from billing's admin
+# API. The key's secret is shown once, so it is kept in .local/secrets; a key
+# billing no longer knows (e.g. after a wiped .local/nats) is made again.
+seed_demo() {
+  local url=http://127.0.0.1:$BILLING_PORT auth="Authorization: Bearer $ADMIN_KEY" code id_file=$LOCAL/secrets/demo-key-id
+  code=$(curl -sS -o "$LOCAL/run/seed.json" -w '%{http_code}' -X POST -H "$auth" -H 'content-type: application/json' \
+    -d '{"id":"demo","name":"Demo tenant","billing":"postpaid"}' "$url/admin/tenants")
+  case $code in 201|409) ;; *) cat "$LOCAL/run/seed.json" >&2; die "creating the demo tenant failed ($code)";; esac
+  if [ -s "$id_file" ] && [ -s "$LOCAL/secrets/demo-key" ] \
+     && curl -fsS -o /dev/null -H "$auth" "$url/admin/keys/$(cat "$id_file")"; then
+    DEMO_KEY=$(cat "$LOCAL/secrets/demo-key"); return 0
+  fi
+  curl -fsS -X POST -H "$auth" -H 'content-type: application/json' -d '{"name":"demo key"}' \
+    "$url/admin/tenants/demo/keys" >"$LOCAL/run/seed.json" || die "creating the demo key failed"
+  (umask 077
+   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["secret"], end="")' "$LOCAL/run/seed.json" >"$LOCAL/secrets/demo-key"
+   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"], end="")' "$LOCAL/run/seed.json" >"$id_file")
+  rm -f "$LOCAL/run/seed.json"
+  DEMO_KEY=$(cat "$LOCAL/secrets/demo-key")
+  log "created the demo key $(cat "$id_file")"
 }
 
 start_meter() {
@@ -199,18 +226,19 @@ EOF
   chmod 600 "$f.tmp"; mv "$f.tmp" "$f"
 }
 
-SERVICES=(meter gateway mock clickhouse nats)
+SERVICES=(meter gateway billing mock clickhouse nats)
 
 cmd_up() {
   install_runtime
   mkdir -p "$LOCAL"
   build
   ADMIN_KEY=$(secret admin-key tg_admin_)
-  DEMO_KEY=$(secret demo-key tg_demo_)
   start_nats
   start_clickhouse
   migrate
   start_mock
+  start_billing
+  seed_demo
   start_gateway
   start_meter
   write_env
