@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -123,6 +124,13 @@ pub fn router(billing: B) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                kind: "invalid_request_error",
+                message: "this method is not allowed on this route".into(),
+            }
+        })
 }
 
 async fn openapi() -> Response {
@@ -151,11 +159,16 @@ async fn require_admin(State(b): State<B>, req: Request, next: Next) -> Response
         .is_some_and(|k| bool::from(k.as_bytes().ct_eq(b.admin_key.as_bytes())));
     if !ok {
         return ApiError::unauthorized(
-            "the admin API takes the master key as `Authorization: Bearer <key>`",
+            "the admin API takes the master key as `Authorization: Bearer <key>` (or `x-api-key`)",
         )
         .into_response();
     }
     next.run(req).await
+}
+
+/// A malformed query string, as a 400 in the API's error shape.
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::bad_request(format!("invalid query string: {}", e.body_text()))
 }
 
 /// Parses a JSON body into `T`, with a 400 naming the field on failure.
@@ -662,7 +675,11 @@ struct VersionQuery {
 }
 
 /// The price book in force (or `?version=N`), with the list of versions.
-async fn list_prices(State(b): State<B>, Query(q): Query<VersionQuery>) -> ApiResult<Json<Value>> {
+async fn list_prices(
+    State(b): State<B>,
+    q: Result<Query<VersionQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(query_error)?;
     let st = b.state.lock().await;
     let current = match q.version {
         Some(v) => st
@@ -844,7 +861,11 @@ async fn spend_rows(
     Ok(json!({"group_by": group, "from": from, "to": to, "currency": "USD", "data": data}))
 }
 
-async fn spend(State(b): State<B>, Query(q): Query<SpendQuery>) -> ApiResult<Json<Value>> {
+async fn spend(
+    State(b): State<B>,
+    q: Result<Query<SpendQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(query_error)?;
     Ok(Json(
         spend_rows(&b, None, &q, &["tenant", "key", "model", "day"]).await?,
     ))
@@ -886,8 +907,9 @@ async fn tenant_balance(State(b): State<B>, headers: HeaderMap) -> ApiResult<Jso
 async fn tenant_usage(
     State(b): State<B>,
     headers: HeaderMap,
-    Query(q): Query<SpendQuery>,
+    q: Result<Query<SpendQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(query_error)?;
     let (tenant, _) = tenant_of(&b, &headers).await?;
     Ok(Json(
         spend_rows(&b, Some(&tenant), &q, &["model", "key", "day"]).await?,
