@@ -419,6 +419,9 @@ async fn replaying_the_stream_into_an_empty_clickhouse_gives_identical_invoices(
         }
         await_admitted(&w, 0, &secret).await;
     }
+    // A period ends at a whole second, exclusive (ClickHouse's DateTime
+    // resolution): usage in the finalizing second belongs to the next period.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let inv = w
         .billing
         .ok("POST", "/admin/tenants/inv/invoices/finalize", None, 200)
