@@ -26,7 +26,7 @@ use futures::StreamExt;
 
 use super::{
     BusError, BusErrorKind, CommitToken, ConsumerSpec, Delivery, EventBus, EventConsumer, Outgoing,
-    PublishReceipt, StartFrom,
+    PublishReceipt, StartFrom, Token,
 };
 use crate::names::Names;
 
@@ -285,6 +285,26 @@ impl EventBus for JetStreamBus {
             .map_err(unavailable)?;
         Ok(s.info().await.map_err(unavailable)?.state.last_sequence)
     }
+
+    async fn heads(&self) -> Result<Vec<u64>, BusError> {
+        Ok(vec![self.head().await?])
+    }
+
+    async fn pending(&self, durable: &str) -> Result<u64, BusError> {
+        let stream = self
+            .js
+            .get_stream(&self.names.events_stream)
+            .await
+            .map_err(unavailable)?;
+        let mut consumer: consumer::PullConsumer =
+            stream.get_consumer(durable).await.map_err(unavailable)?;
+        let info = consumer.info().await.map_err(unavailable)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    fn names(&self) -> &Names {
+        &self.names
+    }
 }
 
 struct JetStreamConsumer {
@@ -318,7 +338,7 @@ impl JetStreamConsumer {
             headers,
             position,
             attempt,
-            commit: CommitToken(Ack { acker }),
+            commit: CommitToken(Token::JetStream(Ack { acker })),
         })
     }
 }
@@ -349,7 +369,10 @@ impl EventConsumer for JetStreamConsumer {
 
     async fn commit(&mut self, tokens: Vec<CommitToken>) -> Result<(), BusError> {
         for t in &tokens {
-            t.0.acker.ack().await.map_err(unavailable)?;
+            // A token from another transport cannot be ours: nothing to ack.
+            if let Token::JetStream(a) = &t.0 {
+                a.acker.ack().await.map_err(unavailable)?;
+            }
         }
         self.client.flush().await.map_err(unavailable)?;
         Ok(())

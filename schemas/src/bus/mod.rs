@@ -3,22 +3,95 @@
 //! Publishing takes an idempotency key (the event id) and headers (the W3C
 //! `traceparent`). Consuming hands out batches and commits them explicitly,
 //! only after the consumer has made them durable elsewhere. Nothing above this
-//! module knows which transport runs: JetStream ([`jetstream`]) is the default;
-//! a Kafka implementation goes behind the same traits.
+//! module knows which transport runs: JetStream ([`jetstream`]) is the default,
+//! Kafka ([`kafka`]) the other; [`BusKind`] picks one from configuration.
 //!
 //! Delivery is at least once. Exactly-once *in effect* is the consumer's job
 //! (the meter deduplicates by event id); the bus's own dedup (JetStream's
-//! duplicate window on `Nats-Msg-Id`) only saves work.
+//! duplicate window on `Nats-Msg-Id`, Kafka's idempotent producer) only saves
+//! work.
+//!
+//! # Positions and lanes
+//!
+//! A position is a `u64` that orders messages **within a lane**. JetStream
+//! has one lane (0) and the position is the stream sequence. Kafka has one
+//! lane per partition and the position is [`position`]`(partition, offset +
+//! 1)`: the partition in the bits above [`LANE_SHIFT`], the offset below. So
+//! positions of one lane compare like sequences, 0 is below every message
+//! of lane 0 (nothing yet), and positions of different lanes must never be
+//! compared. Events are keyed by tenant, so a tenant's events share one lane
+//! and the quota's "priced up to" marker (`QuotaState::priced_seq`) is a
+//! position in the tenant's lane (see [`kafka`] for the whole argument).
 
 pub mod jetstream;
+pub mod kafka;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::names::Names;
 
 pub use jetstream::{JetStreamBus, StreamSettings};
+pub use kafka::{KafkaBus, KafkaSettings};
+
+/// Bits of a position below the lane (partition) number: 2^40 messages per
+/// partition, 2^24 partitions.
+pub const LANE_SHIFT: u32 = 40;
+const SEQ_MASK: u64 = (1 << LANE_SHIFT) - 1;
+
+/// The position of the `seq`-th message (1-based) of `lane`.
+pub fn position(lane: u32, seq: u64) -> u64 {
+    (u64::from(lane) << LANE_SHIFT) | (seq & SEQ_MASK)
+}
+
+/// The lane a position belongs to (always 0 on JetStream).
+pub fn lane_of(position: u64) -> u32 {
+    u32::try_from(position >> LANE_SHIFT).unwrap_or(u32::MAX)
+}
+
+/// The 1-based sequence of a position within its lane.
+pub fn seq_of(position: u64) -> u64 {
+    position & SEQ_MASK
+}
+
+/// Which transport carries events. Keys, quota states and prices stay in
+/// JetStream KV either way, so NATS always runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    #[default]
+    Nats,
+    Kafka,
+}
+
+impl BusKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BusKind::Nats => "nats",
+            BusKind::Kafka => "kafka",
+        }
+    }
+}
+
+/// The events bus `kind` names: `js` itself for NATS, else a Kafka bus
+/// (topics created if missing). The JetStream bus is always needed for KV.
+pub async fn events_bus(
+    kind: BusKind,
+    js: &JetStreamBus,
+    kafka: &KafkaSettings,
+) -> Result<Arc<dyn EventBus>, BusError> {
+    match kind {
+        BusKind::Nats => Ok(Arc::new(js.clone())),
+        BusKind::Kafka => Ok(Arc::new(
+            KafkaBus::connect(kafka, js.names().clone()).await?,
+        )),
+    }
+}
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +107,7 @@ pub struct Outgoing {
 /// What the transport said about a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublishReceipt {
-    /// Position in the stream (JetStream sequence, Kafka offset).
+    /// Position in the message's lane (see the module docs).
     pub position: u64,
     /// The transport recognised the idempotency key and did not store it again.
     pub duplicate: bool,
@@ -45,7 +118,7 @@ pub struct PublishReceipt {
 pub enum StartFrom {
     /// The first message still in the stream.
     Beginning,
-    /// A stream position (inclusive).
+    /// A position (inclusive). On Kafka, [`seq_of`] it in every partition.
     Position(u64),
     /// The first message published at or after this time.
     Time(DateTime<Utc>),
@@ -62,7 +135,8 @@ pub struct ConsumerSpec {
     /// Subject filter, e.g. `Names::events_filter()`.
     pub filter: String,
     pub start: StartFrom,
-    /// How long a delivered, uncommitted message waits before redelivery.
+    /// How long a delivered, uncommitted message waits before redelivery
+    /// (JetStream; Kafka redelivers what is uncommitted on a rebalance).
     pub ack_wait: Duration,
     /// Upper bound on delivered-but-uncommitted messages (backpressure).
     pub max_in_flight: usize,
@@ -86,9 +160,10 @@ pub struct Delivery {
     pub subject: String,
     pub payload: Bytes,
     pub headers: Vec<(String, String)>,
-    /// Position in the stream (JetStream stream sequence).
+    /// Position in its lane (see the module docs).
     pub position: u64,
-    /// How many times it has been delivered (1 the first time).
+    /// How many times it has been delivered (1 the first time; Kafka does
+    /// not count redeliveries and always says 1).
     pub attempt: u64,
     pub commit: CommitToken,
 }
@@ -103,7 +178,15 @@ impl Delivery {
 }
 
 /// Opaque handle that commits one delivery.
-pub struct CommitToken(pub(crate) jetstream::Ack);
+pub struct CommitToken(pub(crate) Token);
+
+// Boxing the JetStream ack would cost an allocation per delivery on the hot
+// path; the token was already this size before Kafka existed.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Token {
+    JetStream(jetstream::Ack),
+    Kafka(kafka::Mark),
+}
 
 impl std::fmt::Debug for CommitToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -156,8 +239,20 @@ pub trait EventBus: Send + Sync + 'static {
     /// Ok when the transport is reachable and the stream exists.
     async fn ready(&self) -> Result<(), BusError>;
 
-    /// The position of the newest message in the stream (0 when empty).
+    /// How many messages have been appended to the events stream (0 when
+    /// empty): JetStream's last sequence, the sum of Kafka's end offsets.
     async fn head(&self) -> Result<u64, BusError>;
+
+    /// The newest position of each lane, indexed by lane; an empty lane
+    /// says `position(lane, 0)`. One entry on JetStream.
+    async fn heads(&self) -> Result<Vec<u64>, BusError>;
+
+    /// Messages the durable consumer `durable` has not committed yet
+    /// (including ones outside its filter on Kafka, until it skips them).
+    async fn pending(&self, durable: &str) -> Result<u64, BusError>;
+
+    /// The subject and stream names this bus was opened with.
+    fn names(&self) -> &Names;
 }
 
 #[async_trait]
