@@ -6,9 +6,14 @@
 //! admin_key_file = "/etc/tollgate/admin_key"   # or admin_key = "..." (or TOLLGATE_ADMIN_KEY)
 //! warning_thresholds = ["0.8", "0.95"]          # fractions of the limit used
 //!
+//! bus = "nats"                  # or "kafka" (TOLLGATE_BILLING__BUS)
+//!
 //! [nats]
 //! url = "nats://127.0.0.1:4222"
 //! namespace = ""
+//!
+//! [kafka]                       # read when bus = "kafka" (TOLLGATE_BILLING__KAFKA__BROKERS, ...)
+//! brokers = "127.0.0.1:9092"
 //!
 //! [clickhouse]
 //! url = "http://127.0.0.1:8123"
@@ -36,6 +41,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use rust_decimal::Decimal;
 use serde::Deserialize;
+use tollgate_schemas::bus::{BusKind, KafkaSettings};
 use tollgate_schemas::records::ModelPrice;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +58,11 @@ pub struct Config {
     pub warning_thresholds: Vec<Decimal>,
     #[serde(default)]
     pub nats: NatsConfig,
+    /// Which bus carries events; keys, quota and prices stay in NATS KV.
+    #[serde(default)]
+    pub bus: BusKind,
+    #[serde(default)]
+    pub kafka: KafkaSettings,
     #[serde(default)]
     pub clickhouse: ClickHouseConfig,
     #[serde(default)]
@@ -228,6 +239,8 @@ impl Default for Config {
             admin_key_file: None,
             warning_thresholds: default_thresholds(),
             nats: NatsConfig::default(),
+            bus: BusKind::default(),
+            kafka: KafkaSettings::default(),
             clickhouse: ClickHouseConfig::default(),
             consumer: ConsumerConfig::default(),
             webhooks: WebhooksConfig::default(),
@@ -268,6 +281,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.bus == BusKind::Kafka {
+            self.kafka.validate().map_err(|e| anyhow::anyhow!(e))?;
+        }
         for t in &self.warning_thresholds {
             anyhow::ensure!(
                 *t > Decimal::ZERO && *t < Decimal::ONE,

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Names;
 use tollgate_schemas::bus::{
     ConsumerSpec, Delivery, EventBus, EventConsumer, JetStreamBus, StartFrom, StreamSettings,
+    lane_of,
 };
 use tollgate_schemas::events::{Event, EventKind, UsageEvent};
 use tollgate_schemas::money::to_ch_decimal;
@@ -73,14 +74,21 @@ pub struct State {
     /// Last snapshot written per quota key.
     pub quota: HashMap<String, QuotaState>,
     pub invoices: BTreeMap<String, Invoice>,
+    /// The highest event position priced (any lane); for display.
     pub priced_seq: u64,
+    /// Per lane (Kafka partition; JetStream has only lane 0): every usage
+    /// event up to this position has been priced. See [`State::priced_for`].
+    pub priced_lanes: BTreeMap<u32, u64>,
+    /// The lane each tenant's events travel in (events are keyed by tenant).
+    pub tenant_lane: HashMap<String, u32>,
     pub version: u64,
 }
 
 pub struct Billing {
     pub config: Config,
     pub names: Names,
-    pub bus: JetStreamBus,
+    /// The events bus (JetStream or Kafka, per `bus` in the config).
+    pub bus: Arc<dyn EventBus>,
     /// ClickHouse, with the billing database selected.
     pub ch: Client,
     pub kv_billing: kv::Store,
@@ -148,6 +156,38 @@ impl State {
             .find(|b| b.effective_from.is_none_or(|e| e <= at))
     }
 
+    /// Records that billing has priced up to `position`, seen for `tenant`.
+    pub fn observe_priced(&mut self, tenant: &str, position: u64) {
+        if position == 0 {
+            return;
+        }
+        let lane = lane_of(position);
+        let at = self.priced_lanes.entry(lane).or_default();
+        *at = (*at).max(position);
+        self.tenant_lane.insert(tenant.to_owned(), lane);
+    }
+
+    /// The `priced_seq` of `tenant`'s (and its keys') quota snapshots: the
+    /// priced position of the tenant's lane. Gateways compare it only with
+    /// positions of the tenant's own events, which share that lane (Kafka
+    /// keys by tenant; JetStream has one lane), so the comparison is exact.
+    /// A tenant billing has not seen an event of gets lane 0's: exact if it
+    /// is in lane 0, and below every position of any other lane, which only
+    /// makes a gateway keep its local debit longer (errs toward refusing).
+    pub fn priced_for(&self, tenant: &str) -> u64 {
+        let lane = self.tenant_lane.get(tenant).copied().unwrap_or(0);
+        self.priced_lanes.get(&lane).copied().unwrap_or(0)
+    }
+
+    /// Whether every lane is priced up to `heads` (indexed by lane).
+    pub fn priced_all(&self, heads: &[u64]) -> bool {
+        heads.iter().enumerate().all(|(lane, head)| {
+            let lane = u32::try_from(lane).unwrap_or(u32::MAX);
+            tollgate_schemas::bus::seq_of(*head) == 0
+                || self.priced_lanes.get(&lane).is_some_and(|p| p >= head)
+        })
+    }
+
     fn roll_month(&mut self, now: DateTime<Utc>) {
         let m = month_start(now);
         if m != self.month_start {
@@ -162,9 +202,11 @@ impl Billing {
     pub async fn open(config: Config) -> anyhow::Result<Arc<Self>> {
         let admin_key = config.admin_key()?;
         let names = Names::namespaced(&config.nats.namespace);
-        let bus = JetStreamBus::connect(&config.nats.url, names.clone(), StreamSettings::default())
-            .await?;
-        let js = bus.jetstream().clone();
+        let jsbus =
+            JetStreamBus::connect(&config.nats.url, names.clone(), StreamSettings::default())
+                .await?;
+        let js = jsbus.jetstream().clone();
+        let bus = tollgate_schemas::bus::events_bus(config.bus, &jsbus, &config.kafka).await?;
         let mut root = Client::default()
             .with_url(&config.clickhouse.url)
             .with_user(&config.clickhouse.user)
@@ -239,6 +281,7 @@ impl Billing {
         for (key, q) in store::list_json::<QuotaState>(&self.kv_quota, "").await? {
             st.version = st.version.max(q.version);
             st.priced_seq = st.priced_seq.max(q.priced_seq);
+            st.observe_priced(&q.tenant_id, q.priced_seq);
             st.quota.insert(key, q);
         }
         // Grants are in KV first; make sure ClickHouse has every one (idempotent).
@@ -441,8 +484,13 @@ impl Billing {
         let mut tokens = Vec::with_capacity(batch.len());
         let mut events: Vec<UsageEvent> = Vec::with_capacity(batch.len());
         let mut last = 0u64;
+        let mut lanes: Vec<(String, u64)> = Vec::with_capacity(batch.len());
         for d in batch {
             last = last.max(d.position);
+            lanes.push((
+                d.subject.rsplit('.').next().unwrap_or_default().to_owned(),
+                d.position,
+            ));
             match Event::from_json(&d.payload) {
                 Ok(Event::Usage(u)) => events.push(u),
                 Ok(_) => {}
@@ -569,6 +617,9 @@ impl Billing {
             metrics::counter!("tollgate_billing_events_priced_total").increment(1);
         }
         st.priced_seq = st.priced_seq.max(last);
+        for (tenant, position) in &lanes {
+            st.observe_priced(tenant, *position);
+        }
         // (6) snapshots
         let tenants: Vec<String> = tenants.into_iter().collect();
         let keys: Vec<String> = keys.into_iter().collect();
@@ -658,7 +709,7 @@ impl Billing {
                     && p.remaining == remaining
                     && p.limit == limit
                     && p.threshold == threshold
-                    && (!touched || p.priced_seq == st.priced_seq)
+                    && (!touched || p.priced_seq == st.priced_for(&tenant_id))
             });
             if unchanged {
                 continue;
@@ -674,7 +725,7 @@ impl Billing {
                 limit,
                 threshold,
                 version: st.next_version(),
-                priced_seq: st.priced_seq,
+                priced_seq: st.priced_for(&tenant_id),
                 updated_at: now,
             };
             store::put_json(&self.kv_quota, &key, &snapshot).await?;
@@ -962,12 +1013,13 @@ impl Billing {
     /// Waits (up to 5 s) until billing has priced everything the stream held
     /// when called, so a finalized invoice includes usage just served.
     async fn catch_up(&self) {
-        let Ok(head) = self.bus.head().await else {
+        let Ok(heads) = self.bus.heads().await else {
             return;
         };
+        let head = heads.iter().copied().max().unwrap_or(0);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline {
-            if self.state.lock().await.priced_seq >= head {
+            if self.state.lock().await.priced_all(&heads) {
                 return;
             }
             // The stream also holds request events; billing's position only
@@ -983,18 +1035,7 @@ impl Billing {
 
     /// Usage events billing's consumer has not acknowledged yet.
     pub async fn pending_usage(&self) -> Option<u64> {
-        let stream = self
-            .bus
-            .jetstream()
-            .get_stream(&self.names.events_stream)
-            .await
-            .ok()?;
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-            .get_consumer(&self.config.consumer.durable)
-            .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
-        Some(info.num_pending + info.num_ack_pending as u64)
+        self.bus.pending(&self.config.consumer.durable).await.ok()
     }
 
     /// Closes the open invoice of `tenant` at `end` (default now), opens the

@@ -77,7 +77,9 @@ pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, Pric
     let prices = PriceFeed::open(jsbus.jetstream(), &names.kv_prices, config.prices.book()).await?;
     let book = prices.in_force(chrono::Utc::now());
     metrics::gauge!("tollgate_gateway_price_book_version").set(book.version as f64);
-    let bus: Arc<dyn EventBus> = Arc::new(jsbus);
+    // Events go to the configured bus; KV above stays on JetStream.
+    let bus: Arc<dyn EventBus> =
+        tollgate_schemas::bus::events_bus(config.bus, &jsbus, &config.kafka).await?;
     let on_ack: AckHook = {
         let (names, quotas) = (names.clone(), quotas.clone());
         Arc::new(move |msg, position| {

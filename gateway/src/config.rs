@@ -1,7 +1,8 @@
 //! Typed, strict, layered configuration, validated at start-up.
 //!
 //! Loaded from a TOML file, then overridden by `TOLLGATE__SECTION__KEY`
-//! environment variables (e.g. `TOLLGATE__NATS__URL`). Unknown fields are
+//! environment variables (e.g. `TOLLGATE__NATS__URL`, `TOLLGATE__BUS=kafka`,
+//! `TOLLGATE__KAFKA__BROKERS`). Unknown fields are
 //! errors that name the field. Upstream API keys are never in the file: a
 //! deployment names the environment variable that holds its key.
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
+use tollgate_schemas::bus::{BusKind, KafkaSettings};
 use tollgate_schemas::records::{ModelPrice, PriceBook};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +29,13 @@ pub struct Config {
     pub max_body_bytes: usize,
     #[serde(default)]
     pub nats: NatsConfig,
+    /// Which bus carries events (`nats`, the default, or `kafka`); NATS
+    /// always runs for keys, quota states and prices.
+    #[serde(default)]
+    pub bus: BusKind,
+    /// Read when `bus = "kafka"`.
+    #[serde(default)]
+    pub kafka: KafkaSettings,
     #[serde(default)]
     pub limits: GlobalLimits,
     #[serde(default)]
@@ -280,6 +289,11 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.bus == BusKind::Kafka
+            && let Err(e) = self.kafka.validate()
+        {
+            return bad(e);
+        }
         let mut seen = std::collections::HashSet::new();
         for m in &self.models {
             if !seen.insert(&m.name) {

@@ -1,7 +1,7 @@
 //! `tollgate-meter bench`: how fast the meter stores events, next to how fast
-//! JetStream can hand them out at all.
+//! the bus (JetStream, or Kafka with `bus = "kafka"`) can hand them out at all.
 //!
-//! Method, in one process against the configured NATS and ClickHouse:
+//! Method, in one process against the configured bus and ClickHouse:
 //!
 //! 1. Publish N synthetic usage events (realistic JSON with a `traceparent`
 //!    header, 50 tenants) to a fresh namespace `bench<id>`, so nothing else
@@ -32,13 +32,13 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Names;
-use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, Outgoing, StartFrom};
+use tollgate_schemas::bus::{BusKind, ConsumerSpec, EventBus, Outgoing, StartFrom};
 use tollgate_schemas::events::{ApiFormat, Event, EventMeta, TokenCounts, UsageEvent};
 
 use crate::config::Config;
 use crate::error::MeterError;
 use crate::pipeline::{Mode, Pipeline, Stats};
-use crate::{clickhouse_client, connect_bus, migrate};
+use crate::{clickhouse_client, connect_bus, connect_jetstream, migrate};
 
 #[derive(Debug, Clone)]
 pub struct BenchArgs {
@@ -156,7 +156,7 @@ pub async fn bench(config: &Config, args: &BenchArgs) -> Result<BenchReport, Met
     let database = format!("bench_{}", &id[id.len() - 12..]);
     let names = Names::namespaced(&namespace);
     let Some(bus) = connect_bus(config, names.clone(), None).await? else {
-        return Err(MeterError::Other("NATS unavailable".into()));
+        return Err(MeterError::Other("the bus is unavailable".into()));
     };
     let root = clickhouse_client(config);
     migrate(&root, &database, None).await?;
@@ -164,8 +164,13 @@ pub async fn bench(config: &Config, args: &BenchArgs) -> Result<BenchReport, Met
 
     let result = measure(config, args, &bus, &names, &ch).await;
     if !args.keep {
-        for stream in [&names.events_stream, &names.deadletter_stream] {
-            let _ = bus.jetstream().delete_stream(stream).await;
+        // Kafka topics of the bench namespace are left to the broker's retention.
+        if config.bus == BusKind::Nats
+            && let Ok(js) = connect_jetstream(config, names.clone()).await
+        {
+            for stream in [&names.events_stream, &names.deadletter_stream] {
+                let _ = js.jetstream().delete_stream(stream).await;
+            }
         }
         let _ = ch
             .query(&format!("DROP DATABASE IF EXISTS {database}"))
@@ -190,7 +195,7 @@ pub async fn bench(config: &Config, args: &BenchArgs) -> Result<BenchReport, Met
 async fn measure(
     config: &Config,
     args: &BenchArgs,
-    bus: &JetStreamBus,
+    bus: &Arc<dyn EventBus>,
     names: &Names,
     ch: &Client,
 ) -> Result<(f64, f64, f64, Option<QueryReport>), MeterError> {
@@ -278,7 +283,7 @@ fn synthetic(rng: &mut StdRng, names: &Names) -> Outgoing {
     }
 }
 
-async fn publish(bus: &JetStreamBus, names: &Names, n: u64) -> Result<f64, MeterError> {
+async fn publish(bus: &Arc<dyn EventBus>, names: &Names, n: u64) -> Result<f64, MeterError> {
     let bar = indicatif::ProgressBar::new(n);
     let mut rng = StdRng::seed_from_u64(7);
     let started = Instant::now();
@@ -297,7 +302,7 @@ async fn publish(bus: &JetStreamBus, names: &Names, n: u64) -> Result<f64, Meter
 }
 
 async fn raw_consume(
-    bus: &JetStreamBus,
+    bus: &Arc<dyn EventBus>,
     spec: ConsumerSpec,
     config: &Config,
     n: u64,
@@ -328,7 +333,7 @@ async fn raw_consume(
 }
 
 async fn meter(
-    bus: &JetStreamBus,
+    bus: &Arc<dyn EventBus>,
     ch: &Client,
     spec: ConsumerSpec,
     config: &Config,

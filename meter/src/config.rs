@@ -8,9 +8,17 @@
 //! or prints.
 //!
 //! ```toml
+//! bus = "nats"                   # or "kafka" (TOLLGATE__BUS)
+//!
 //! [nats]
 //! url = "nats://127.0.0.1:4222"
 //! namespace = ""                 # "" is production; tests isolate with one
+//!
+//! [kafka]                        # read when bus = "kafka" (TOLLGATE__KAFKA__BROKERS, ...)
+//! brokers = "127.0.0.1:9092"
+//! partitions = 12                # of topics the meter creates if missing
+//! # security_protocol, sasl_mechanism, sasl_username, sasl_password,
+//! # ssl_ca_location, ... and [kafka.properties] pass through to librdkafka
 //!
 //! [clickhouse]
 //! url = "http://127.0.0.1:8123"
@@ -39,6 +47,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
+use tollgate_schemas::bus::{BusKind, KafkaSettings};
+
 use crate::error::MeterError;
 
 /// Test-only fault injection: a pause between a batch's successful insert and
@@ -49,8 +59,14 @@ pub const FAULT_ACK_DELAY_ENV: &str = "TOLLGATE_METER_FAULT_ACK_DELAY_MS";
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Which bus carries events; NATS always runs (dead letters on JetStream
+    /// are not used with Kafka: they go to the Kafka dead-letter topic).
+    #[serde(default)]
+    pub bus: BusKind,
     #[serde(default)]
     pub nats: NatsConfig,
+    #[serde(default)]
+    pub kafka: KafkaSettings,
     #[serde(default)]
     pub clickhouse: ClickHouseConfig,
     #[serde(default)]
@@ -239,6 +255,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), MeterError> {
         let bad = |key: &str, why: &str| Err(MeterError::Config(format!("{key}: {why}")));
+        if self.bus == BusKind::Kafka {
+            self.kafka.validate().map_err(MeterError::Config)?;
+        }
         let ns = &self.nats.namespace;
         if !ns
             .chars()
@@ -377,7 +396,35 @@ mod tests {
             assert_eq!(c.nats.url, "nats://env:4222");
             assert_eq!(c.batch.max_events, 7);
             assert_eq!(c.batch.max_wait_ms, 250);
+            assert_eq!(c.bus, BusKind::Nats);
+            jail.set_env("TOLLGATE__BUS", "kafka");
+            jail.set_env("TOLLGATE__KAFKA__BROKERS", "k1:9092,k2:9092");
+            let c = Config::load(Some(&path)).map_err(|e| e.to_string())?;
+            assert_eq!(c.bus, BusKind::Kafka);
+            assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
             Ok(())
         });
+    }
+
+    #[test]
+    fn kafka_settings_are_validated_and_strict() {
+        let c = Config::from_toml(
+            "bus = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\npartitions = 3\nsasl_password = \"pw\"\n[kafka.properties]\n\"client.id\" = \"m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.kafka.partitions, 3);
+        assert!(!format!("{c:?}").contains("\"pw\""));
+        let e = Config::from_toml("bus = \"kafka\"\n[kafka]\npartitions = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.partitions"), "{e}");
+        let e = Config::from_toml("[kafka]\nbroker = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker"), "{e}");
+        let e = Config::from_toml("bus = \"rabbit\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rabbit") || e.contains("variant"), "{e}");
     }
 }

@@ -1,7 +1,9 @@
-//! The meter: JetStream events into ClickHouse, exactly once in effect.
+//! The meter: bus events into ClickHouse, exactly once in effect.
 //!
 //! It consumes the `TOLLGATE_EVENTS` stream through a durable pull consumer
-//! (several meters may share it, each taking different messages), batches
+//! (several meters may share it, each taking different messages), or, with
+//! `bus = "kafka"`, the events topic through a consumer group (several
+//! meters split its partitions; see `tollgate_schemas::bus::kafka`), batches
 //! events on size or time, inserts them as RowBinary and commits a batch only
 //! once ClickHouse has accepted it. [`pipeline`] has the moving parts and the
 //! shutdown order; [`decode`] what counts as poison; [`config`] the knobs.
@@ -63,7 +65,9 @@ use clickhouse::Client;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Names;
-use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, StartFrom, StreamSettings};
+use tollgate_schemas::bus::{
+    BusKind, ConsumerSpec, EventBus, JetStreamBus, KafkaBus, StartFrom, StreamSettings, seq_of,
+};
 
 pub use crate::config::Config;
 pub use crate::error::MeterError;
@@ -157,23 +161,24 @@ pub fn clickhouse_client(config: &Config) -> Client {
     ch
 }
 
-/// Connects to NATS and makes sure the streams exist. With `retry` (the live
-/// meter) it waits for NATS until cancelled (`Ok(None)`); without, the first
-/// failure is the answer. Missing streams are created with the contract's
-/// default settings; existing ones are left as they are (retention is the
-/// deployment's decision, not the meter's).
+/// Connects to the configured bus (NATS, or Kafka with `bus = "kafka"`; the
+/// meter needs nothing else from NATS) and makes sure the streams or topics
+/// exist. With `retry` (the live meter) it waits for the bus until cancelled
+/// (`Ok(None)`); without, the first failure is the answer. Missing streams
+/// and topics are created with default settings; existing ones are left as
+/// they are (retention and partitions are the deployment's decision).
 pub async fn connect_bus(
     config: &Config,
     names: Names,
     retry: Option<&CancellationToken>,
-) -> Result<Option<JetStreamBus>, MeterError> {
+) -> Result<Option<Arc<dyn EventBus>>, MeterError> {
     let mut attempt = 0u32;
     loop {
         match try_connect_bus(config, names.clone()).await {
             Ok(bus) => return Ok(Some(bus)),
             Err(e) => {
                 let Some(cancel) = retry else { return Err(e) };
-                tracing::warn!(error = %e, url = %config.nats.url, attempt, "NATS not ready; retrying");
+                tracing::warn!(error = %e, bus = config.bus.as_str(), attempt, "bus not ready; retrying");
                 if !sleep_unless_cancelled(backoff(attempt), cancel).await {
                     return Ok(None);
                 }
@@ -183,7 +188,15 @@ pub async fn connect_bus(
     }
 }
 
-async fn try_connect_bus(config: &Config, names: Names) -> Result<JetStreamBus, MeterError> {
+async fn try_connect_bus(config: &Config, names: Names) -> Result<Arc<dyn EventBus>, MeterError> {
+    Ok(match config.bus {
+        BusKind::Nats => Arc::new(connect_jetstream(config, names).await?),
+        BusKind::Kafka => Arc::new(KafkaBus::connect(&config.kafka, names).await?),
+    })
+}
+
+/// The JetStream bus, creating missing streams with the default settings.
+pub async fn connect_jetstream(config: &Config, names: Names) -> Result<JetStreamBus, MeterError> {
     let client = async_nats::ConnectOptions::new()
         .name("tollgate-meter")
         .connection_timeout(Duration::from_secs(5))
@@ -281,20 +294,35 @@ pub async fn replay(
     };
     let ch = clickhouse_client(config);
     migrate(&ch, &config.clickhouse.database, None).await?;
-    let head = bus.head().await?;
-    let stop_at = to_seq.unwrap_or(head).min(head);
+    // One stop position per lane: the lane's head, or `to_seq` within the
+    // lane if lower (on Kafka `--to-seq`/`--from-seq` apply to every
+    // partition's own sequence, i.e. offset + 1).
+    let heads = bus.heads().await?;
+    let stop_at: Vec<u64> = heads
+        .iter()
+        .map(|&h| match to_seq {
+            Some(t) if t < seq_of(h) => h - seq_of(h) + t,
+            _ => h,
+        })
+        .collect();
     let first = match from {
         ReplayFrom::Seq(s) => s.max(1),
         ReplayFrom::Time(_) => 1,
     };
+    let last = stop_at.iter().map(|p| seq_of(*p)).max().unwrap_or(0);
+    // Messages in range, for the progress bar (an upper bound for --from-time).
+    let total: u64 = stop_at
+        .iter()
+        .map(|p| (seq_of(*p) + 1).saturating_sub(first))
+        .sum();
     let empty = ReplayReport {
-        to_seq: stop_at,
+        to_seq: last,
         messages: 0,
         rows: 0,
         poison: 0,
         elapsed: started.elapsed(),
     };
-    if stop_at == 0 || first > stop_at {
+    if total == 0 {
         return Ok(empty);
     }
     let stats = Arc::new(Stats::default());
@@ -317,7 +345,7 @@ pub async fn replay(
         ack_delay: None,
         stats: stats.clone(),
     };
-    let bar = indicatif::ProgressBar::new(stop_at - first + 1);
+    let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "replay {bar:40.cyan/blue} {pos}/{len} messages ({per_sec}, eta {eta}) {msg}",
@@ -329,8 +357,8 @@ pub async fn replay(
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         while !cancel.is_cancelled() {
             tick.tick().await;
-            let pos = stats.position.load(std::sync::atomic::Ordering::Relaxed);
-            bar.set_position(pos.saturating_sub(first - 1).min(stop_at - first + 1));
+            let done = stats.committed.load(std::sync::atomic::Ordering::Relaxed);
+            bar.set_position(done.min(total));
         }
     };
     let work = async {
@@ -349,7 +377,7 @@ pub async fn replay(
     bar.finish_with_message("done");
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     Ok(ReplayReport {
-        to_seq: stop_at,
+        to_seq: last,
         messages: load(&stats.committed),
         rows: load(&stats.inserted),
         poison: load(&stats.dead_letters),

@@ -40,7 +40,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::bus::{
-    BusError, CommitToken, ConsumerSpec, Delivery, EventBus, EventConsumer, JetStreamBus, Outgoing,
+    BusError, CommitToken, ConsumerSpec, Delivery, EventBus, EventConsumer, Outgoing, lane_of,
 };
 use tollgate_schemas::events::EventKind;
 
@@ -77,17 +77,31 @@ pub struct Stats {
 }
 
 /// What the pipeline is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// The live meter: runs until shutdown, dead-letters poison messages.
     Live,
-    /// A replay: stops after position `stop_at` (or at the end of the
-    /// stream), counts poison messages without dead-lettering them again.
-    Replay { stop_at: u64 },
+    /// A replay: stops once every lane has reached its position in
+    /// `stop_at` (indexed by lane; one lane on JetStream, one per partition
+    /// on Kafka) or at the end of the stream, and counts poison messages
+    /// without dead-lettering them again.
+    Replay { stop_at: Vec<u64> },
+}
+
+impl Mode {
+    /// Whether `position` is beyond the replay range.
+    fn beyond(&self, position: u64) -> bool {
+        match self {
+            Mode::Live => false,
+            Mode::Replay { stop_at } => stop_at
+                .get(lane_of(position) as usize)
+                .is_none_or(|stop| position > *stop),
+        }
+    }
 }
 
 pub struct Pipeline {
-    pub bus: JetStreamBus,
+    pub bus: Arc<dyn EventBus>,
     /// A client whose default database is the meter's.
     pub ch: Client,
     pub spec: ConsumerSpec,
@@ -149,7 +163,7 @@ impl Pipeline {
             done_rx,
             outstanding: 0,
             uncommitted: 0,
-            max_seen: 0,
+            max_seen: Vec::new(),
             empty_at_end: 0,
         };
         consume.run(&cancel).await;
@@ -194,8 +208,8 @@ struct Consume<'a> {
     outstanding: usize,
     /// Messages handed to the inserter and not yet committed.
     uncommitted: usize,
-    /// Highest position fetched (replay's stop condition).
-    max_seen: u64,
+    /// Highest position fetched per lane (replay's stop condition).
+    max_seen: Vec<u64>,
     /// Consecutive empty fetches with nothing pending (replay's end of stream).
     empty_at_end: u32,
 }
@@ -275,9 +289,16 @@ impl Consume<'_> {
     }
 
     fn finished(&self) -> bool {
-        match self.p.mode {
+        match &self.p.mode {
             Mode::Live => false,
-            Mode::Replay { stop_at } => self.max_seen >= stop_at || self.empty_at_end >= 2,
+            Mode::Replay { stop_at } => {
+                let reached = stop_at.iter().enumerate().all(|(lane, stop)| {
+                    // An empty lane's head is its base position: nothing to wait for.
+                    *stop == tollgate_schemas::bus::position(lane as u32, 0)
+                        || self.max_seen.get(lane).is_some_and(|seen| seen >= stop)
+                });
+                reached || self.empty_at_end >= 2
+            }
         }
     }
 
@@ -292,10 +313,12 @@ impl Consume<'_> {
 
     /// Decodes one delivery into the batch, or dead-letters it.
     async fn accept(&mut self, d: Delivery, now: u32) {
-        self.max_seen = self.max_seen.max(d.position);
-        if let Mode::Replay { stop_at } = self.p.mode
-            && d.position > stop_at
-        {
+        let lane = lane_of(d.position) as usize;
+        if self.max_seen.len() <= lane {
+            self.max_seen.resize(lane + 1, 0);
+        }
+        self.max_seen[lane] = self.max_seen[lane].max(d.position);
+        if self.p.mode.beyond(d.position) {
             return; // beyond the replay range: the live meter's business
         }
         if d.attempt > 1 {

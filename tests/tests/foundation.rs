@@ -307,3 +307,345 @@ async fn kv_buckets_are_created_once_and_work() {
     assert_eq!(again.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
     assert_eq!(again.get("missing").await.unwrap(), None);
 }
+
+// ------------------------------------------------------------------ the bus
+//
+// The same bus-level suite against both implementations: JetStream on the
+// shared nats-server, Kafka on the shared tansu broker. Nothing in `suite`
+// knows which bus it has.
+
+mod suite {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tollgate_schemas::Names;
+    use tollgate_schemas::bus::{
+        ConsumerSpec, Delivery, EventBus, EventConsumer, Outgoing, StartFrom, lane_of, seq_of,
+    };
+    use tollgate_schemas::events::{Event, EventKind};
+
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn outgoing(names: &Names, event: &Event) -> Outgoing {
+        Outgoing {
+            subject: names.event_subject(event.kind(), &event.meta().tenant_id),
+            id: event.meta().id.to_string(),
+            payload: Bytes::from(event.to_json()),
+            headers: vec![("traceparent".into(), TRACEPARENT.into())],
+        }
+    }
+
+    fn usage(tenant: &str) -> Event {
+        let mut e = crate::request_event(tenant);
+        if let Event::Request(r) = &e {
+            e = Event::Usage(crate::usage_event_from(r.meta.clone()));
+        }
+        e
+    }
+
+    fn id_of(d: &Delivery) -> String {
+        Event::from_json(&d.payload).unwrap().meta().id.to_string()
+    }
+
+    /// Fetches until `n` deliveries are in hand or `within` passes (a Kafka
+    /// group needs a moment to join).
+    async fn fetch_n(c: &mut Box<dyn EventConsumer>, n: usize, within: Duration) -> Vec<Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n && tokio::time::Instant::now() < deadline {
+            out.extend(
+                c.fetch(n - out.len(), Duration::from_millis(500))
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    }
+
+    async fn publish(bus: &Arc<dyn EventBus>, events: &[Event]) -> Vec<u64> {
+        let names = bus.names().clone();
+        bus.publish_many(events.iter().map(|e| outgoing(&names, e)).collect())
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().position)
+            .collect()
+    }
+
+    fn durable(filter: String, name: &str) -> ConsumerSpec {
+        let mut spec = ConsumerSpec::new(filter);
+        spec.durable = Some(name.into());
+        spec.ack_wait = Duration::from_secs(1);
+        spec
+    }
+
+    pub async fn publish_consume_commit(bus: Arc<dyn EventBus>) {
+        let names = bus.names().clone();
+        let events: Vec<Event> = (0..3).map(|_| crate::request_event("acme")).collect();
+        publish(&bus, &events).await;
+        assert_eq!(bus.head().await.unwrap(), 3);
+        let spec = durable(names.events_filter(), "meter");
+        let mut c = bus.consumer(spec.clone()).await.unwrap();
+        let got = fetch_n(&mut c, 3, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 3);
+        for (d, e) in got.iter().zip(&events) {
+            assert_eq!(d.header("traceparent"), Some(TRACEPARENT));
+            assert_eq!(names.kind_of_subject(&d.subject), Some(EventKind::Request));
+            assert_eq!(&Event::from_json(&d.payload).unwrap(), e);
+        }
+        c.commit(got.into_iter().map(|d| d.commit).collect())
+            .await
+            .unwrap();
+        assert_eq!(bus.pending("meter").await.unwrap(), 0);
+        drop(c);
+        // Reopened, the durable consumer has nothing more to give.
+        let mut again = bus.consumer(spec).await.unwrap();
+        let more = fetch_n(&mut again, 1, Duration::from_secs(6)).await;
+        assert!(
+            more.is_empty(),
+            "committed messages came back: {}",
+            more.len()
+        );
+    }
+
+    pub async fn uncommitted_deliveries_come_back(bus: Arc<dyn EventBus>) {
+        let names = bus.names().clone();
+        let events: Vec<Event> = (0..3).map(|_| crate::request_event("acme")).collect();
+        publish(&bus, &events).await;
+        let spec = durable(names.events_filter(), "meter");
+        let mut c = bus.consumer(spec.clone()).await.unwrap();
+        let mut got = fetch_n(&mut c, 3, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 3);
+        // The 2nd and 3rd are committed, the 1st never is: out of order.
+        let first = got.remove(0);
+        let first_id = id_of(&first);
+        c.commit(got.into_iter().map(|d| d.commit).collect())
+            .await
+            .unwrap();
+        assert!(
+            bus.pending("meter").await.unwrap() >= 1,
+            "a commit passed an uncommitted message"
+        );
+        drop(first);
+        drop(c);
+        let mut again = bus.consumer(spec).await.unwrap();
+        let back = fetch_n(&mut again, 1, Duration::from_secs(20)).await;
+        assert_eq!(back.len(), 1, "the uncommitted message never came back");
+        assert_eq!(id_of(&back[0]), first_id);
+        assert!(back[0].attempt >= 1);
+    }
+
+    pub async fn filters_skip_and_still_commit(bus: Arc<dyn EventBus>) {
+        let names = bus.names().clone();
+        let mut events = Vec::new();
+        for i in 0..6 {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            events.push(crate::request_event(tenant));
+            events.push(usage(tenant));
+        }
+        events.push(crate::request_event("acme")); // the last one is skipped
+        publish(&bus, &events).await;
+        let spec = durable(names.kind_filter(EventKind::Usage), "billing");
+        let mut c = bus.consumer(spec).await.unwrap();
+        let got = fetch_n(&mut c, 6, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 6);
+        assert!(
+            got.iter()
+                .all(|d| names.kind_of_subject(&d.subject) == Some(EventKind::Usage))
+        );
+        c.commit(got.into_iter().map(|d| d.commit).collect())
+            .await
+            .unwrap();
+        let extra = c.fetch(10, Duration::from_secs(1)).await.unwrap();
+        assert!(extra.is_empty());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let pending = bus.pending("billing").await.unwrap();
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{pending} messages outside the filter were never committed"
+            );
+            c.fetch(10, Duration::from_millis(200)).await.unwrap();
+        }
+    }
+
+    pub async fn tenants_keep_order_and_positions(bus: Arc<dyn EventBus>) {
+        let names = bus.names().clone();
+        let tenants = ["acme", "globex", "initech"];
+        let events: Vec<Event> = (0..30)
+            .map(|i| crate::request_event(tenants[i % 3]))
+            .collect();
+        let positions = publish(&bus, &events).await;
+        let mut by_tenant: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (e, p) in events.iter().zip(&positions) {
+            by_tenant
+                .entry(tenants.iter().find(|t| **t == e.meta().tenant_id).unwrap())
+                .or_default()
+                .push(*p);
+        }
+        for (t, ps) in &by_tenant {
+            assert!(
+                ps.iter().all(|p| lane_of(*p) == lane_of(ps[0])),
+                "{t}'s events span lanes"
+            );
+            assert!(ps.windows(2).all(|w| w[0] < w[1]), "{t}: {ps:?}");
+        }
+        assert_eq!(bus.head().await.unwrap(), 30);
+        let heads = bus.heads().await.unwrap();
+        assert_eq!(heads.iter().map(|h| seq_of(*h)).sum::<u64>(), 30);
+        for (lane, h) in heads.iter().enumerate() {
+            assert_eq!(lane_of(*h) as usize, lane);
+        }
+        let mut c = bus
+            .consumer(ConsumerSpec::new(names.events_filter()))
+            .await
+            .unwrap();
+        let got = fetch_n(&mut c, 30, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 30);
+        for t in tenants {
+            let sent: Vec<String> = events
+                .iter()
+                .filter(|e| e.meta().tenant_id == t)
+                .map(|e| e.meta().id.to_string())
+                .collect();
+            let seen: Vec<String> = got
+                .iter()
+                .filter(|d| d.subject.ends_with(&format!(".{t}")))
+                .map(id_of)
+                .collect();
+            assert_eq!(seen, sent, "{t}'s events out of order");
+        }
+    }
+
+    pub async fn ephemeral_consumers_start_where_asked(bus: Arc<dyn EventBus>) {
+        let names = bus.names().clone();
+        let early: Vec<Event> = (0..5).map(|_| crate::request_event("acme")).collect();
+        let positions = publish(&bus, &early).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let cut = chrono::Utc::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let late: Vec<Event> = (0..5).map(|_| crate::request_event("acme")).collect();
+        publish(&bus, &late).await;
+
+        let spec = |start| {
+            let mut s = ConsumerSpec::new(names.events_filter());
+            s.start = start;
+            s
+        };
+        let mut c = bus
+            .consumer(spec(StartFrom::Position(positions[2])))
+            .await
+            .unwrap();
+        let got = fetch_n(&mut c, 8, Duration::from_secs(20)).await;
+        let ids: Vec<String> = got.iter().map(id_of).collect();
+        let want: Vec<String> = early[2..]
+            .iter()
+            .chain(&late)
+            .map(|e| e.meta().id.to_string())
+            .collect();
+        assert_eq!(ids, want, "StartFrom::Position");
+
+        let mut c = bus.consumer(spec(StartFrom::Time(cut))).await.unwrap();
+        let got = fetch_n(&mut c, 5, Duration::from_secs(20)).await;
+        let ids: Vec<String> = got.iter().map(id_of).collect();
+        let want: Vec<String> = late.iter().map(|e| e.meta().id.to_string()).collect();
+        assert_eq!(ids, want, "StartFrom::Time");
+        assert!(
+            c.fetch(5, Duration::from_millis(500))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let mut c = bus.consumer(spec(StartFrom::New)).await.unwrap();
+        assert!(
+            c.fetch(5, Duration::from_secs(1)).await.unwrap().is_empty(),
+            "StartFrom::New delivered old messages"
+        );
+    }
+}
+
+fn usage_event_from(meta: EventMeta) -> tollgate_schemas::events::UsageEvent {
+    tollgate_schemas::events::UsageEvent {
+        meta,
+        api: ApiFormat::OpenaiChat,
+        requested_model: "mock-gpt".into(),
+        model: "mock-gpt".into(),
+        provider: "openai".into(),
+        deployment: "mock-1".into(),
+        tokens: tollgate_schemas::events::TokenCounts {
+            input_tokens: 3,
+            output_tokens: 4,
+            ..Default::default()
+        },
+        estimated: false,
+        status: 200,
+        streamed: false,
+        latency_ms: 1,
+        ttft_ms: None,
+        retries: 0,
+        price_version: 1,
+        cost: rust_decimal::Decimal::new(1, 3),
+    }
+}
+
+macro_rules! bus_suite {
+    ($bus:ident, $make:path) => {
+        mod $bus {
+            use super::suite;
+            #[tokio::test]
+            async fn publish_consume_commit() {
+                let (_env, bus) = $make().await;
+                suite::publish_consume_commit(bus).await;
+            }
+            #[tokio::test]
+            async fn uncommitted_deliveries_come_back() {
+                let (_env, bus) = $make().await;
+                suite::uncommitted_deliveries_come_back(bus).await;
+            }
+            #[tokio::test]
+            async fn filters_skip_and_still_commit() {
+                let (_env, bus) = $make().await;
+                suite::filters_skip_and_still_commit(bus).await;
+            }
+            #[tokio::test]
+            async fn tenants_keep_order_and_positions() {
+                let (_env, bus) = $make().await;
+                suite::tenants_keep_order_and_positions(bus).await;
+            }
+            #[tokio::test]
+            async fn ephemeral_consumers_start_where_asked() {
+                let (_env, bus) = $make().await;
+                suite::ephemeral_consumers_start_where_asked(bus).await;
+            }
+        }
+    };
+}
+
+async fn jetstream_bus() -> (TestEnv, std::sync::Arc<dyn EventBus>) {
+    let env = TestEnv::new();
+    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default())
+        .await
+        .unwrap();
+    (env, std::sync::Arc::new(bus))
+}
+
+async fn kafka_bus() -> (TestEnv, std::sync::Arc<dyn EventBus>) {
+    let env = TestEnv::new();
+    let settings = tollgate_schemas::bus::KafkaSettings {
+        brokers: tollgate_tests::harness::shared_tansu().brokers(),
+        partitions: 3,
+        properties: tollgate_tests::harness::tansu_client_properties(),
+        ..Default::default()
+    };
+    let bus = tollgate_schemas::bus::KafkaBus::connect(&settings, env.names.clone())
+        .await
+        .unwrap();
+    (env, std::sync::Arc::new(bus))
+}
+
+bus_suite!(bus_on_jetstream, crate::jetstream_bus);
+bus_suite!(bus_on_kafka, crate::kafka_bus);

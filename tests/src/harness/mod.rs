@@ -17,12 +17,14 @@
 mod clickhouse;
 mod nats;
 mod process;
+mod tansu;
 
 use std::sync::OnceLock;
 
 pub use self::clickhouse::ClickHouseServer;
 pub use self::nats::NatsServer;
 pub use self::process::{free_port, wait_for_port};
+pub use self::tansu::{TansuServer, tansu_binary, tansu_client_properties};
 use tollgate_schemas::Names;
 
 /// The servers shared by every test of this process.
@@ -44,6 +46,20 @@ pub fn shared() -> &'static Shared {
     match result {
         Ok(s) => s,
         Err(e) => panic!("test infrastructure failed to start: {e}"),
+    }
+}
+
+static SHARED_TANSU: OnceLock<Result<TansuServer, String>> = OnceLock::new();
+
+/// One tansu broker shared by every Kafka test of this process (started on
+/// first use; tests isolate by topic and group names through their
+/// namespace).
+pub fn shared_tansu() -> &'static TansuServer {
+    match SHARED_TANSU
+        .get_or_init(|| TansuServer::start_for_process().map_err(|e| format!("{e:#}")))
+    {
+        Ok(s) => s,
+        Err(e) => panic!("Kafka test broker failed to start: {e}"),
     }
 }
 

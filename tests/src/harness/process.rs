@@ -92,6 +92,20 @@ impl Supervised {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// The pid of the server itself (the supervisor's child), if running.
+    pub fn server_pid(&self) -> Option<u32> {
+        let sh = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).ok()?;
+        // Its children are the server and the `cat` that waits on stdin.
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|comm| comm.trim() != "cat")
+            })
+    }
 }
 
 impl Drop for Supervised {
