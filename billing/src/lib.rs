@@ -7,6 +7,7 @@
 //! - [`quota`]: quota levels and the webhook crossings, pure.
 //! - [`webhooks`]: endpoints, the durable delivery queue and the worker.
 //! - [`admin`]: the admin and tenant HTTP APIs; [`app`]: the lifecycle.
+//! - [`trace`]: the pricing spans, linked to the events' traces.
 
 pub mod admin;
 pub mod api_error;
@@ -17,4 +18,5 @@ pub mod ledger;
 pub mod quota;
 pub mod service;
 pub mod store;
+pub mod trace;
 pub mod webhooks;

@@ -22,23 +22,9 @@ struct Cli {
     check_config: bool,
 }
 
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.init();
-    } else {
-        builder.json().init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_logging();
+    let mut telemetry = tollgate_telemetry::init("tollgate-billing");
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -77,7 +63,9 @@ async fn main() -> ExitCode {
         }
         signal.cancel();
     });
-    match tollgate_billing::app::run(listener, config, shutdown).await {
+    let result = tollgate_billing::app::run(listener, config, shutdown).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "billing failed");

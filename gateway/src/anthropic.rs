@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tollgate_schemas::events::{
     ApiFormat, CountSource, Event, EventMeta, RequestEvent, TokenCountEvent,
 };
+use tracing::Instrument;
 
 use crate::app::{App, RequestId};
 use crate::config::ProviderKind;
@@ -41,7 +42,8 @@ pub async fn count_tokens(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let traceparent = events::traceparent(&headers);
+    let (span, traceparent) =
+        crate::trace::server_span(&headers, "POST", ROUTE, "count_tokens", &rid);
     let mut who = (events::UNAUTHENTICATED.to_owned(), String::new());
     let mut model_seen = None;
     let result = async {
@@ -77,6 +79,7 @@ pub async fn count_tokens(
         events::emit(&app, &event, &traceparent);
         Ok(axum::Json(serde_json::json!({"input_tokens": n})).into_response())
     }
+    .instrument(span.clone())
     .await;
     let (resp, error_type) = match result {
         Ok(r) => (r, None),
@@ -88,6 +91,7 @@ pub async fn count_tokens(
             )
         }
     };
+    crate::trace::record_status(&span, resp.status().as_u16(), error_type.as_deref());
     pipeline::record_request(
         &app,
         &traceparent,

@@ -64,6 +64,8 @@ pub struct RequestId(pub Arc<str>);
 /// price book, starts the publisher (telling the quotas what the bus
 /// acknowledged). The price feed is returned to be run.
 pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, PriceFeed)> {
+    // The recorder first: what is recorded before it exists is lost.
+    let prometheus = telemetry::prometheus();
     crate::tokens::warm_up();
     let names = Names::namespaced(&config.nats.namespace);
     let settings = StreamSettings {
@@ -98,6 +100,9 @@ pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, Pric
         Some(on_ack),
     )
     .await?;
+    // Rendered from the start, not only once something was spooled.
+    metrics::gauge!("tollgate_gateway_spool_events").set(publisher.spool_depth() as f64);
+    metrics::gauge!("tollgate_gateway_spool_bytes").set(publisher.spool_bytes() as f64);
     let state = AppState {
         router: ModelRouter::new(&config)?,
         limits: Limits::new(&config.limits),
@@ -107,7 +112,7 @@ pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, Pric
         keys,
         bus,
         publisher,
-        metrics: telemetry::prometheus(),
+        metrics: prometheus,
         config,
     };
     Ok((Arc::new(state), handle, prices))

@@ -23,6 +23,7 @@ pub mod routing;
 pub mod sse;
 pub mod telemetry;
 pub mod tokens;
+pub mod trace;
 pub mod translate;
 
 pub use app::run;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
-use tollgate_gateway::{Config, auth::KeyStore, telemetry};
+use tollgate_gateway::{Config, auth::KeyStore};
 use tollgate_schemas::records::KeyRecord;
 
 #[derive(Parser)]
@@ -66,7 +66,7 @@ fn valid_id(s: &str) -> bool {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    let mut telemetry = tollgate_telemetry::init("tollgate-gateway");
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -115,6 +115,7 @@ async fn main() -> ExitCode {
             put_key(&config, &secret, record).await
         }
     };
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -26,6 +26,7 @@ use tollgate_schemas::events::{
     ApiFormat, Event, EventMeta, RequestEvent, TokenCounts, UsageEvent,
 };
 use tollgate_schemas::records::KeyRecord;
+use tracing::{Instrument, Span};
 
 use crate::app::{App, RequestId};
 use crate::auth::presented_secret;
@@ -35,7 +36,7 @@ use crate::limits::{Limiter, Permit};
 use crate::routing::Deployment;
 use crate::sse::{OpenAiRelay, OpenAiUsage, SseEvent, SseFramer};
 use crate::translate::{self, StreamTranslator};
-use crate::{events, proxy, tokens};
+use crate::{events, proxy, tokens, trace};
 
 /// The API a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,15 @@ impl Surface {
             Surface::Embeddings => ApiFormat::OpenaiEmbeddings,
             Surface::Messages => ApiFormat::AnthropicMessages,
             Surface::Responses => ApiFormat::OpenaiResponses,
+        }
+    }
+
+    /// The GenAI semantic conventions' `gen_ai.operation.name`.
+    pub fn operation(self) -> &'static str {
+        match self {
+            Surface::Chat | Surface::Messages | Surface::Responses => "chat",
+            Surface::Completions => "text_completion",
+            Surface::Embeddings => "embeddings",
         }
     }
 
@@ -103,6 +113,8 @@ struct Ctx {
     surface: Surface,
     started: Instant,
     traceparent: String,
+    /// The server span (see [`crate::trace`]).
+    span: Span,
     key: Option<Arc<KeyRecord>>,
     model: Option<String>,
     streamed: bool,
@@ -117,8 +129,11 @@ pub async fn handle(
     body: Body,
     surface: Surface,
 ) -> Response {
+    let (span, traceparent) =
+        trace::server_span(&headers, "POST", surface.route(), surface.operation(), &rid);
     let mut ctx = Ctx {
-        traceparent: events::traceparent(&headers),
+        traceparent,
+        span: span.clone(),
         app,
         rid,
         surface,
@@ -129,7 +144,10 @@ pub async fn handle(
         deployment: None,
     };
     let style = surface.style();
-    let (resp, error_type) = match serve(&mut ctx, &headers, body).await {
+    let (resp, error_type) = match serve(&mut ctx, &headers, body)
+        .instrument(span.clone())
+        .await
+    {
         Ok(resp) => (resp, None),
         Err(e) => {
             let ty = e.type_name(style);
@@ -142,6 +160,14 @@ pub async fn handle(
         .as_ref()
         .map(|k| (k.tenant_id.clone(), k.key_id.clone()))
         .unwrap_or_else(|| (events::UNAUTHENTICATED.to_owned(), String::new()));
+    if tollgate_telemetry::enabled() {
+        span.record("tollgate.tenant_id", tenant.as_str());
+        span.record("tollgate.key_id", key_id.as_str());
+        if let Some(m) = &ctx.model {
+            span.record("gen_ai.request.model", m.as_str());
+        }
+        trace::record_status(&span, status, error_type);
+    }
     record_request(
         &ctx.app,
         &ctx.traceparent,
@@ -517,12 +543,26 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
             body: &body_for,
             forward: &forward,
             anthropic_version: &anthropic_version,
+            operation: surface.operation(),
+            tenant_id: &key.tenant_id,
+            key_id: &key.key_id,
+            request_id: &ctx.rid.0,
         },
         Duration::from_millis(timeouts.attempt_ms),
         deadline,
     )
     .await?;
     ctx.deployment = Some(upstream.deployment.name.clone());
+    trace::record(
+        &ctx.span,
+        "gen_ai.system",
+        upstream.deployment.provider.as_str(),
+    );
+    trace::record(
+        &ctx.span,
+        "tollgate.deployment",
+        upstream.deployment.name.as_str(),
+    );
     let done = Finish {
         app: app.clone(),
         rid: ctx.rid.clone(),
@@ -535,8 +575,12 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
         traceparent: ctx.traceparent.clone(),
         request: Arc::new(req),
         admission,
+        span: ctx.span.clone(),
+        upstream_span: upstream.span,
+        upstream_wait: upstream.wait,
     };
     if stream && upstream.response.status().is_success() {
+        done.record_overhead(Duration::ZERO);
         Ok(stream_response(
             done,
             upstream.response,
@@ -573,6 +617,12 @@ struct Finish {
     traceparent: String,
     request: Arc<Map<String, Value>>,
     admission: Admission,
+    /// The server span, and the client span of the attempt that answered:
+    /// both live until the response (or stream) ends, and get the usage.
+    span: Span,
+    upstream_span: Span,
+    /// Time spent waiting on upstreams for the response headers (all attempts).
+    upstream_wait: Duration,
 }
 
 impl Finish {
@@ -617,6 +667,24 @@ impl Finish {
             .quotas
             .debit(&self.key, &event.meta().id.to_string(), cost);
         events::emit(&self.app, &event, &self.traceparent);
+        if tollgate_telemetry::enabled() {
+            let served = match &event {
+                Event::Usage(u) => u.model.as_str(),
+                _ => "",
+            };
+            for span in [&self.span, &self.upstream_span] {
+                span.record("gen_ai.response.model", served);
+                span.record("gen_ai.usage.input_tokens", tokens.input_tokens);
+                span.record("gen_ai.usage.output_tokens", tokens.output_tokens);
+            }
+            self.span
+                .record("tollgate.cost_usd", cost.to_string().as_str());
+        }
+        metrics::counter!(
+            "tollgate_gateway_cost_microdollars_total",
+            "model" => self.model.clone()
+        )
+        .increment(microdollars(cost));
         for (kind, n) in [
             ("input", tokens.input_tokens),
             ("output", tokens.output_tokens),
@@ -628,6 +696,21 @@ impl Finish {
             }
         }
         cost
+    }
+
+    /// The gateway's own time on this request so far: everything but the
+    /// wait for upstream response headers and `also_upstream` (a plain
+    /// body's download). Streams count up to their response headers.
+    fn record_overhead(&self, also_upstream: Duration) {
+        let own = self
+            .started
+            .elapsed()
+            .saturating_sub(self.upstream_wait + also_upstream);
+        metrics::histogram!(
+            "tollgate_gateway_overhead_seconds",
+            "route" => self.surface.route()
+        )
+        .record(own.as_secs_f64());
     }
 
     /// The tokenizer's estimate when the upstream reported nothing.
@@ -653,6 +736,15 @@ impl Finish {
         }
         self.surface.native() != self.deployment.provider
     }
+}
+
+/// A cost in millionths of a dollar, for the integer spend counter.
+fn microdollars(cost: rust_decimal::Decimal) -> u64 {
+    use rust_decimal::prelude::ToPrimitive;
+    (cost * rust_decimal::Decimal::from(1_000_000))
+        .round()
+        .to_u64()
+        .unwrap_or(0)
 }
 
 /// Usage and served model of a plain upstream body, in the upstream's format.
@@ -704,6 +796,7 @@ async fn plain_response(
 ) -> Result<Response, GatewayError> {
     let status = resp.status();
     let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+    let download = Instant::now();
     let bytes = resp.bytes().await.map_err(|e| GatewayError::Upstream {
         status: if e.is_timeout() {
             StatusCode::GATEWAY_TIMEOUT
@@ -712,6 +805,7 @@ async fn plain_response(
         },
         message: "the upstream response was cut off".into(),
     })?;
+    let download = download.elapsed();
     let provider = done.deployment.provider;
     let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
     let (tokens, estimated, served) = if status.is_success() {
@@ -801,6 +895,7 @@ async fn plain_response(
             h.insert("x-tollgate-cost", v);
         }
     }
+    done.record_overhead(download);
     out.body(Body::from(client_body))
         .map_err(|e| GatewayError::Internal(e.to_string()))
 }

@@ -14,9 +14,12 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use crate::config::ProviderKind;
-use crate::error::GatewayError;
+use crate::error::{ApiStyle, GatewayError};
 use crate::routing::Deployment;
+use crate::trace::{self, UpstreamSpan};
 
 /// The response that will be relayed, and how it was obtained.
 pub struct Upstream {
@@ -24,6 +27,10 @@ pub struct Upstream {
     pub response: reqwest::Response,
     /// Attempts beyond the first.
     pub retries: u32,
+    /// The client span of the answering attempt (see [`crate::trace`]).
+    pub span: tracing::Span,
+    /// Time spent waiting for response headers, over all attempts.
+    pub wait: Duration,
 }
 
 /// What to send; the body is rebuilt per deployment (its upstream model).
@@ -35,6 +42,11 @@ pub struct Outbound<'a> {
     pub forward: &'a [(String, String)],
     /// `anthropic-version` for Anthropic deployments.
     pub anthropic_version: &'a str,
+    /// For the client span: the GenAI operation and who is asking.
+    pub operation: &'static str,
+    pub tenant_id: &'a str,
+    pub key_id: &'a str,
+    pub request_id: &'a str,
 }
 
 pub async fn send(
@@ -46,6 +58,7 @@ pub async fn send(
     let mut retries = 0u32;
     let mut last: Option<GatewayError> = None;
     let mut skipped_open = Vec::new();
+    let started = Instant::now();
     for (i, d) in plan.iter().enumerate() {
         if !d.breaker.allow() {
             skipped_open.push(d.clone());
@@ -54,10 +67,27 @@ pub async fn send(
         if i > 0 && last.is_some() {
             retries += 1;
         }
-        match attempt(d, out, attempt_timeout, deadline).await {
+        let span = UpstreamSpan {
+            operation: out.operation,
+            system: d.provider.as_str(),
+            model: &d.upstream_model,
+            deployment: &d.name,
+            address: &d.base_url,
+            tenant_id: out.tenant_id,
+            key_id: out.key_id,
+            request_id: out.request_id,
+        }
+        .start();
+        match attempt(d, out, attempt_timeout, deadline, &span)
+            .instrument(span.clone())
+            .await
+        {
             Ok(resp) => {
                 let status = resp.status();
+                trace::record(&span, "http.response.status_code", status.as_u16());
                 if is_failure_status(status) {
+                    trace::record(&span, "error.type", status.as_str());
+                    trace::record(&span, "otel.status_code", "ERROR");
                     d.breaker.record_failure();
                     metrics::counter!("tollgate_gateway_upstream_failures_total", "deployment" => d.name.clone(), "reason" => status.as_str().to_owned()).increment(1);
                     last = Some(map_status(status, resp).await);
@@ -68,9 +98,13 @@ pub async fn send(
                     deployment: d.clone(),
                     response: resp,
                     retries,
+                    span,
+                    wait: started.elapsed(),
                 });
             }
             Err(e) => {
+                trace::record(&span, "error.type", e.type_name(ApiStyle::OpenAi));
+                trace::record(&span, "otel.status_code", "ERROR");
                 d.breaker.record_failure();
                 metrics::counter!("tollgate_gateway_upstream_failures_total", "deployment" => d.name.clone(), "reason" => "transport").increment(1);
                 last = Some(e);
@@ -113,6 +147,7 @@ async fn attempt(
     out: &Outbound<'_>,
     attempt_timeout: Duration,
     deadline: Instant,
+    span: &tracing::Span,
 ) -> Result<reqwest::Response, GatewayError> {
     let url = format!("{}{}", d.base_url, (out.path)(d));
     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -135,6 +170,10 @@ async fn attempt(
         if d.forwards(k) {
             req = req.header(k.as_str(), v.as_str());
         }
+    }
+    // The upstream (or a proxy in front of it) can join the trace.
+    if let Some(tp) = tollgate_telemetry::traceparent_of(span) {
+        req = req.header("traceparent", tp);
     }
     let wait = attempt_timeout.min(remaining);
     match tokio::time::timeout(wait, req.send()).await {

@@ -1,4 +1,4 @@
-//! Logs and metrics. (OTLP export is the observability issue's.)
+//! Prometheus metrics. Logs and OTLP traces: `tollgate_telemetry`; spans: [`crate::trace`].
 
 use std::sync::OnceLock;
 
@@ -23,19 +23,4 @@ pub fn prometheus() -> PrometheusHandle {
             handle
         })
         .clone()
-}
-
-/// JSON logs, or human-readable ones on a terminal; level from `RUST_LOG`.
-pub fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.init();
-    } else {
-        builder.json().init();
-    }
 }

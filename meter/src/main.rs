@@ -37,7 +37,7 @@ struct Cli {
         long,
         global = true,
         env = "TOLLGATE_LOG_FORMAT",
-        default_value = "text"
+        default_value = "auto"
     )]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -46,6 +46,8 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
     Text,
     Json,
 }
@@ -89,7 +91,6 @@ struct BenchCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -110,6 +111,18 @@ fn main() -> ExitCode {
             eprintln!("tollgate-meter: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    // Inside the runtime: the gRPC span exporter needs one.
+    let mut telemetry = {
+        let _rt = runtime.enter();
+        tollgate_telemetry::init_with(
+            "tollgate-meter",
+            match cli.log_format {
+                LogFormat::Auto => tollgate_telemetry::LogFormat::Auto,
+                LogFormat::Text => tollgate_telemetry::LogFormat::Text,
+                LogFormat::Json => tollgate_telemetry::LogFormat::Json,
+            },
+        )
     };
     let result = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Run) {
@@ -147,6 +160,7 @@ fn main() -> ExitCode {
             }
         }
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -183,17 +197,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -12,7 +12,18 @@ pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 
 /// Billing's config for `env`, with the demo price book (version 1).
 pub fn billing_config(env: &TestEnv) -> Config {
-    let text = format!(
+    let text = billing_config_text(env);
+    let config: Config = figment::Figment::new()
+        .merge(<figment::providers::Toml as figment::providers::Format>::string(&text))
+        .extract()
+        .unwrap();
+    config.validate().unwrap();
+    config
+}
+
+/// [`billing_config`] as TOML, for billing run as a process.
+pub fn billing_config_text(env: &TestEnv) -> String {
+    format!(
         r#"
 listen = "127.0.0.1:0"
 admin_key = "{ADMIN_KEY}"
@@ -44,13 +55,7 @@ output_per_million = "0"
         ns = env.id,
         ch = env.clickhouse_url,
         db = env.database,
-    );
-    let config: Config = figment::Figment::new()
-        .merge(<figment::providers::Toml as figment::providers::Format>::string(&text))
-        .extract()
-        .unwrap();
-    config.validate().unwrap();
-    config
+    )
 }
 
 /// A running billing service.

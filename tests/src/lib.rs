@@ -5,4 +5,5 @@
 pub mod billing;
 pub mod harness;
 pub mod mock;
+pub mod otlp;
 pub mod stack;

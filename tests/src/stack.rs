@@ -80,7 +80,21 @@ pub fn gateway_config(
     data_dir: &std::path::Path,
     extra: &str,
 ) -> Config {
-    let text = format!(
+    Config::from_toml(&gateway_config_text(
+        env, nats_url, mock_url, data_dir, extra,
+    ))
+    .unwrap()
+}
+
+/// [`gateway_config`] as TOML, for a gateway run as a process.
+pub fn gateway_config_text(
+    env: &TestEnv,
+    nats_url: &str,
+    mock_url: &str,
+    data_dir: &std::path::Path,
+    extra: &str,
+) -> String {
+    format!(
         r#"
 listen = "127.0.0.1:0"
 data_dir = "{data}"
@@ -138,8 +152,7 @@ upstream_model = "mock-fail-503"
 "#,
         data = data_dir.display(),
         ns = env.id,
-    );
-    Config::from_toml(&text).unwrap()
+    )
 }
 
 pub async fn start_gateway(config: Config) -> Service {
