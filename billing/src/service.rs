@@ -53,6 +53,7 @@ use crate::store::{
     self, BillingMode, Invoice, InvoiceLineRow, InvoiceRow, InvoiceStatus, KIND_DEBIT, KIND_EXPIRY,
     KIND_GRANT, LedgerRow, Tenant,
 };
+use crate::trace::PricingTrace;
 use crate::webhooks::Webhooks;
 
 /// Everything billing knows, rebuilt from durable state at start.
@@ -481,6 +482,7 @@ impl Billing {
         batch: Vec<Delivery>,
     ) -> anyhow::Result<Vec<tollgate_schemas::bus::CommitToken>> {
         let started = std::time::Instant::now();
+        let mut trace = PricingTrace::start(batch.len());
         let mut tokens = Vec::with_capacity(batch.len());
         let mut events: Vec<UsageEvent> = Vec::with_capacity(batch.len());
         let mut last = 0u64;
@@ -492,7 +494,10 @@ impl Billing {
                 d.position,
             ));
             match Event::from_json(&d.payload) {
-                Ok(Event::Usage(u)) => events.push(u),
+                Ok(Event::Usage(u)) => {
+                    trace.event(u.meta.id.to_string(), d.header("traceparent"));
+                    events.push(u);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     // The meter parks poison events in the dead-letter stream;
@@ -566,6 +571,7 @@ impl Billing {
                 cache_read_tokens: e.tokens.cache_read_tokens,
                 cache_write_tokens: e.tokens.cache_write_tokens,
             });
+            trace.debit(&e, cost, version);
             priced.push((e, cost, version));
         }
         // Burn-down attribution is decided here, so the stored row names the
@@ -603,6 +609,7 @@ impl Billing {
             }
             return Err(e);
         }
+        trace.stored();
         // (5) apply
         let mut tenants = BTreeSet::new();
         let mut keys = BTreeSet::new();
@@ -624,6 +631,14 @@ impl Billing {
         let tenants: Vec<String> = tenants.into_iter().collect();
         let keys: Vec<String> = keys.into_iter().collect();
         self.refresh_quota(&mut st, &tenants, &keys, true).await?;
+        for t in &tenants {
+            let state = st
+                .quota
+                .get(&quota_key(QuotaScope::Tenant, t))
+                .map(|q| q.state.as_str());
+            let of_tenant = priced.iter().map(|(e, _, _)| e);
+            trace.quota_state(t, state, of_tenant.filter(|e| &e.meta.tenant_id == t));
+        }
         metrics::gauge!("tollgate_billing_priced_seq").set(st.priced_seq as f64);
         metrics::histogram!("tollgate_billing_batch_seconds")
             .record(started.elapsed().as_secs_f64());

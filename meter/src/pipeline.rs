@@ -43,6 +43,7 @@ use tollgate_schemas::bus::{
     BusError, CommitToken, ConsumerSpec, Delivery, EventBus, EventConsumer, Outgoing, lane_of,
 };
 use tollgate_schemas::events::EventKind;
+use tracing::{Instrument, Span};
 
 use crate::decode::{Decoded, Poison, decode};
 use crate::metrics as m;
@@ -121,6 +122,9 @@ struct Batch {
     token_counts: Vec<TokenCountRow>,
     tokens: Vec<CommitToken>,
     max_position: u64,
+    /// One span per event, only when traces are exported; they end when
+    /// the batch is committed.
+    spans: Vec<Span>,
 }
 
 impl Batch {
@@ -136,6 +140,7 @@ impl Batch {
 struct Inserted {
     tokens: Vec<CommitToken>,
     max_position: u64,
+    spans: Vec<Span>,
 }
 
 impl Pipeline {
@@ -328,17 +333,10 @@ impl Consume<'_> {
         let kind = names.kind_of_subject(&d.subject);
         match decode(kind, &d.payload, d.position, now) {
             Ok(row) => {
-                // One span per event; its parent is the publisher's trace
-                // (recorded as the `traceparent` field until OTel export lands).
-                let span = tracing::debug_span!(
-                    "meter.event",
-                    event_id = row.event_id(),
-                    tenant_id = row.tenant_id(),
-                    kind = row.kind().as_str(),
-                    stream_seq = d.position,
-                    traceparent = d.header("traceparent"),
-                );
-                let _entered = span.enter();
+                if tollgate_telemetry::enabled() {
+                    let span = event_span(&d, &row);
+                    self.batch.spans.push(span);
+                }
                 self.push(row, d.commit, d.position);
             }
             Err(poison) => self.poison(d, poison).await,
@@ -367,6 +365,21 @@ impl Consume<'_> {
     /// committed with its batch. If parking fails (NATS trouble), the message
     /// is left uncommitted and comes back after `ack_wait`.
     async fn poison(&mut self, d: Delivery, poison: Poison) {
+        let _span = tollgate_telemetry::enabled().then(|| {
+            let span = tracing::info_span!(
+                parent: None,
+                "meter.dead_letter",
+                otel.kind = "consumer",
+                otel.status_code = "ERROR",
+                messaging.destination.name = d.subject.as_str(),
+                tollgate.stream_position = d.position,
+                tollgate.reason = %poison,
+            );
+            if let Some(tp) = d.header("traceparent") {
+                tollgate_telemetry::set_parent(&span, tp);
+            }
+            span
+        });
         tracing::warn!(subject = %d.subject, stream_seq = d.position, reason = %poison, "poison message");
         metrics::counter!(m::DEAD_LETTERS_TOTAL, "reason" => poison.label()).increment(1);
         if let Mode::Live = self.p.mode {
@@ -465,8 +478,12 @@ impl Consume<'_> {
         let n = done.tokens.len();
         self.outstanding = self.outstanding.saturating_sub(1);
         self.uncommitted = self.uncommitted.saturating_sub(n);
+        let spans = done.spans;
         match self.consumer.commit(done.tokens).await {
             Ok(()) => {
+                for span in &spans {
+                    span.record("tollgate.outcome", "committed");
+                }
                 if self.p.ack_delay.is_some() {
                     tracing::info!(messages = n, "fault injection: committed");
                 }
@@ -482,6 +499,10 @@ impl Consume<'_> {
             // Inserted but not acknowledged: redelivered, re-inserted,
             // collapsed by the FINAL views. Nothing lost, nothing doubled.
             Err(e) => {
+                for span in &spans {
+                    span.record("tollgate.outcome", "commit_failed");
+                    span.record("otel.status_code", "ERROR");
+                }
                 tracing::warn!(error = %e, messages = n, "commit failed; they will be redelivered");
                 metrics::counter!(m::COMMIT_FAILURES_TOTAL).increment(1);
             }
@@ -526,6 +547,55 @@ impl Consume<'_> {
         }
     }
 }
+
+/// The span of one event's handling: a consumer span whose parent is the
+/// publisher's (the `traceparent` header), from delivery to commit.
+fn event_span(d: &Delivery, row: &Decoded) -> Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "meter.event",
+        otel.name = format!("process {}", row.kind().as_str()),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.operation.type = "process",
+        messaging.destination.name = d.subject.as_str(),
+        messaging.message.id = row.event_id(),
+        tollgate.event_id = row.event_id(),
+        tollgate.event_kind = row.kind().as_str(),
+        tollgate.tenant_id = row.tenant_id(),
+        tollgate.stream_position = d.position,
+        tollgate.delivery_attempt = d.attempt,
+        tollgate.outcome = tracing::field::Empty,
+    );
+    if let Some(tp) = d.header("traceparent") {
+        tollgate_telemetry::set_parent(&span, tp);
+    }
+    span
+}
+
+/// The span of one batch's insert into ClickHouse, linked to the events it
+/// carries (the first [`MAX_LINKS`]).
+fn insert_span(batch: &Batch) -> Span {
+    if !tollgate_telemetry::enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "meter.insert",
+        otel.kind = "client",
+        db.system.name = "clickhouse",
+        db.operation.name = "INSERT",
+        tollgate.messages = batch.messages(),
+        tollgate.rows = batch.rows(),
+    );
+    for event in batch.spans.iter().take(MAX_LINKS) {
+        tollgate_telemetry::link_span(&span, event);
+    }
+    span
+}
+
+/// Links per batch span (OpenTelemetry's default span limit is 128).
+const MAX_LINKS: usize = 128;
 
 fn record_batch(batch: &Batch) {
     metrics::histogram!(m::BATCH_SIZE).record(batch.messages() as f64);
@@ -572,7 +642,8 @@ async fn insert_loop(
                 Some(batch) => {
                     let (ch, cancel, stats, give_up_at) = (ch.clone(), cancel.clone(), stats.clone(), give_up_at.clone());
                     running.spawn(async move {
-                        if !insert_with_retry(&ch, &batch, &cancel, &give_up_at).await {
+                        let span = insert_span(&batch);
+                        if !insert_with_retry(&ch, &batch, &cancel, &give_up_at).instrument(span).await {
                             return None;
                         }
                         stats.inserted.fetch_add(batch.rows() as u64, Ordering::Relaxed);
@@ -580,7 +651,7 @@ async fn insert_loop(
                             tracing::info!(messages = batch.messages(), "fault injection: inserted, pausing before commit");
                             tokio::time::sleep(delay).await;
                         }
-                        Some(Inserted { tokens: batch.tokens, max_position: batch.max_position })
+                        Some(Inserted { tokens: batch.tokens, max_position: batch.max_position, spans: batch.spans })
                     });
                 }
                 None => open = false,
