@@ -86,6 +86,7 @@ pub async fn send(
                 let status = resp.status();
                 trace::record(&span, "http.response.status_code", status.as_u16());
                 if is_failure_status(status) {
+                    tracing::warn!(deployment = %d.name, %status, "upstream failed; trying the next deployment if any");
                     trace::record(&span, "error.type", status.as_str());
                     trace::record(&span, "otel.status_code", "ERROR");
                     d.breaker.record_failure();

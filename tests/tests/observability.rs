@@ -648,6 +648,35 @@ async fn one_request_is_one_trace_across_gateway_meter_and_billing() {
         server.parent_span_id.is_empty(),
         "a new trace has a root span"
     );
+
+    // Log lines inside a request carry its trace id: an upstream failure
+    // logs a warning in the request's span.
+    let trace_id = format!("{:032x}", rand::random::<u128>() | 1);
+    let tp = format!("00-{trace_id}-{CLIENT_SPAN}-01");
+    let r = w
+        .http
+        .post(format!("{}/v1/chat/completions", w.gateway_url))
+        .bearer_auth(&secret)
+        .header("traceparent", &tp)
+        .json(&json!({"model": "mock-broken", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_server_error());
+    let line = eventually(
+        "a log line with the trace id",
+        Duration::from_secs(10),
+        async || {
+            w.gateway
+                .log_text()
+                .lines()
+                .find(|l| l.contains("upstream failed"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    let line: Value = serde_json::from_str(&line).expect("JSON log lines");
+    assert_eq!(line["span"]["trace_id"], json!(trace_id), "{line}");
     drop(w);
 }
 
