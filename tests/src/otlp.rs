@@ -1,5 +1,7 @@
-//! A real OTLP/HTTP trace receiver: `POST /v1/traces` with
-//! `application/x-protobuf` bodies, decoded into the `opentelemetry-proto`
+//! A real OTLP trace receiver, both transports on one port: OTLP/HTTP
+//! (`POST /v1/traces`, `application/x-protobuf`) and OTLP/gRPC (the
+//! `TraceService/Export` unary call over HTTP/2, length-prefixed protobuf
+//! with a `grpc-status` trailer), decoded into the `opentelemetry-proto`
 //! types, the way a collector does. Tests point the services'
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` at it and read back what arrived; the
 //! `tollgate-otlp-sink` binary serves it for the local stack and benchmarks.
@@ -126,6 +128,7 @@ impl OtlpReceiver {
         };
         let app = Router::new()
             .route("/v1/traces", post(traces))
+            .route(GRPC_EXPORT, post(grpc_export))
             .with_state(shared.clone());
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -180,6 +183,58 @@ impl Drop for OtlpReceiver {
             let _ = s.send(());
         }
     }
+}
+
+/// The gRPC method OTLP exporters call.
+const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+fn grpc_reply(status: u32, message: Option<Vec<u8>>) -> Response {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
+    if let Some(m) = message {
+        let mut framed = Vec::with_capacity(5 + m.len());
+        framed.push(0);
+        framed.extend_from_slice(&u32::try_from(m.len()).unwrap_or(u32::MAX).to_be_bytes());
+        framed.extend_from_slice(&m);
+        frames.push(Ok(Frame::data(Bytes::from(framed))));
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", status.into());
+    frames.push(Ok(Frame::trailers(trailers)));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .body(axum::body::Body::new(StreamBody::new(
+            futures::stream::iter(frames),
+        )))
+        .unwrap_or_default()
+}
+
+/// One unary gRPC call: a 5-byte prefix (compressed flag, big-endian
+/// length) and the message.
+async fn grpc_export(State(shared): State<Shared>, body: Bytes) -> Response {
+    const INVALID_ARGUMENT: u32 = 3;
+    const UNIMPLEMENTED: u32 = 12;
+    if body.len() < 5 {
+        return grpc_reply(INVALID_ARGUMENT, None);
+    }
+    if body[0] != 0 {
+        return grpc_reply(UNIMPLEMENTED, None); // compressed
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    let Some(msg) = body.get(5..5 + len) else {
+        return grpc_reply(INVALID_ARGUMENT, None);
+    };
+    let Ok(req) = ExportTraceServiceRequest::decode(msg) else {
+        return grpc_reply(INVALID_ARGUMENT, None);
+    };
+    let spans = flatten(&req);
+    let _ = shared.feed.send(spans.clone());
+    shared.spans.lock().unwrap().extend(spans);
+    grpc_reply(
+        0,
+        Some(ExportTraceServiceResponse::default().encode_to_vec()),
+    )
 }
 
 async fn traces(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {

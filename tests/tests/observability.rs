@@ -112,6 +112,11 @@ async fn wait_healthy(http: &reqwest::Client, url: &str, what: &str, log: &dyn F
 
 impl World {
     async fn start() -> Self {
+        Self::start_with("http/protobuf").await
+    }
+
+    /// With `OTEL_EXPORTER_OTLP_PROTOCOL=protocol`.
+    async fn start_with(protocol: &str) -> Self {
         let env = TestEnv::new();
         env.migrate().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -120,7 +125,7 @@ impl World {
         let mock = start_mock().await;
         let otel = vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
             // Export every 100 ms rather than every 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
         ];
@@ -853,4 +858,48 @@ async fn metrics_parse_and_count_exactly() {
         );
     }
     let _ = &w.env;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_export_carries_the_same_trace() {
+    let w = World::start_with("grpc").await;
+    let (secret, _key_id) = w.tenant("grpc").await;
+    let trace_id = format!("{:032x}", rand::random::<u128>() | 1);
+    let tp = format!("00-{trace_id}-{CLIENT_SPAN}-01");
+    assert_eq!(w.chat(&secret, true, Some(&tp)).await.status, 200);
+    let spans = eventually(
+        "gateway and meter spans over gRPC",
+        Duration::from_secs(30),
+        async || {
+            let spans = w.receiver.trace(&trace_id);
+            let gateway = spans
+                .iter()
+                .find(|s| s.service == "tollgate-gateway" && s.kind == 2)?;
+            let meter = spans
+                .iter()
+                .filter(|s| s.service == "tollgate-meter" && s.parent_span_id == gateway.span_id)
+                .count();
+            (meter >= 2).then_some(spans)
+        },
+    )
+    .await;
+    let server = spans.iter().find(|s| s.kind == 2).unwrap();
+    assert_eq!(server.parent_span_id, CLIENT_SPAN);
+    assert_eq!(server.attr("gen_ai.system"), Some("openai"));
+    eventually(
+        "billing's linked spans over gRPC",
+        Duration::from_secs(30),
+        async || {
+            w.receiver
+                .spans()
+                .iter()
+                .any(|s| {
+                    s.service == "tollgate-billing"
+                        && s.name == "billing.debit"
+                        && s.links.iter().any(|(t, _)| t == &trace_id)
+                })
+                .then_some(())
+        },
+    )
+    .await;
 }
