@@ -5,6 +5,8 @@
 //! split it (a property test checks this). Each complete upstream event is
 //! forwarded as soon as it is complete: nothing waits for the whole response.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use tollgate_schemas::events::TokenCounts;
@@ -18,9 +20,15 @@ pub struct SseEvent {
 
 /// Feeds bytes, yields complete events. Handles `\n`, `\r\n` and `\r`
 /// line ends, multi-line `data:`, comments and fields it does not know.
+///
+/// Cost is linear in the bytes pushed, however the network splits them: a
+/// line that arrives in many chunks is scanned once (`scanned` remembers how
+/// far the buffer is known to hold no line end), not once per chunk.
 #[derive(Debug, Default)]
 pub struct SseFramer {
     buf: BytesMut,
+    /// `buf[..scanned]` holds no line end (nor a lone trailing `\r`).
+    scanned: usize,
     current: SseEvent,
     has_data: bool,
 }
@@ -28,10 +36,19 @@ pub struct SseFramer {
 impl SseFramer {
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
         self.buf.extend_from_slice(chunk);
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n' || b == b'\r') {
+        loop {
+            let Some(rel) = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n' || b == b'\r')
+            else {
+                self.scanned = self.buf.len();
+                return;
+            };
+            let pos = self.scanned + rel;
             // A lone '\r' at the very end may be half of "\r\n": wait for more.
             if self.buf[pos] == b'\r' && pos + 1 == self.buf.len() {
-                break;
+                self.scanned = pos;
+                return;
             }
             let skip = if self.buf[pos] == b'\r' && self.buf.get(pos + 1) == Some(&b'\n') {
                 2
@@ -39,6 +56,7 @@ impl SseFramer {
                 1
             };
             let line = self.buf.split_to(pos + skip);
+            self.scanned = 0;
             self.line(&line[..pos], out);
         }
     }
@@ -121,47 +139,75 @@ impl OpenAiUsage {
     }
 }
 
+/// A JSON string that borrows from the input unless it holds escapes
+/// (serde's own `Cow` support does not borrow inside an `Option`).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+// The chunk as read for metering: its strings borrow from the event's data
+// unless they hold escapes, so a chunk costs no allocation for its text.
 #[derive(Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<ChunkChoice>,
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoice<'a>>,
     #[serde(default)]
     usage: Option<OpenAiUsage>,
-    #[serde(default)]
-    model: Option<String>,
+    #[serde(default, borrow)]
+    model: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: Option<Delta>,
+struct ChunkChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
     /// Legacy completions stream text here.
-    #[serde(default)]
-    text: Option<String>,
+    #[serde(default, borrow)]
+    text: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
-    #[serde(default)]
-    reasoning_content: Option<String>,
-    #[serde(default)]
-    tool_calls: Option<Vec<ToolCallDelta>>,
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
 }
 
 #[derive(Deserialize)]
-struct ToolCallDelta {
-    #[serde(default)]
-    function: Option<FunctionDelta>,
+struct ToolCallDelta<'a> {
+    #[serde(default, borrow)]
+    function: Option<FunctionDelta<'a>>,
 }
 
 #[derive(Deserialize)]
-struct FunctionDelta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<String>,
+struct FunctionDelta<'a> {
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    arguments: Option<Text<'a>>,
 }
 
 /// The state of one relayed OpenAI stream (chat or legacy completions).
@@ -196,20 +242,20 @@ impl OpenAiRelay {
         let mut strip_null_usage = false;
         if let Ok(chunk) = serde_json::from_str::<Chunk>(&ev.data) {
             if self.model.is_none() {
-                self.model = chunk.model;
+                self.model = chunk.model.map(|m| m.0.into_owned());
             }
             for c in &chunk.choices {
                 if let Some(t) = &c.text {
-                    self.push_text(t);
+                    self.push_text(&t.0);
                 }
                 if let Some(d) = &c.delta {
                     for t in [&d.content, &d.reasoning_content].into_iter().flatten() {
-                        self.push_text(t);
+                        self.push_text(&t.0);
                     }
                     for tc in d.tool_calls.iter().flatten() {
                         if let Some(f) = &tc.function {
                             for t in [&f.name, &f.arguments].into_iter().flatten() {
-                                self.push_text(t);
+                                self.push_text(&t.0);
                             }
                         }
                     }
