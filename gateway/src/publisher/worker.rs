@@ -33,6 +33,9 @@ pub(super) struct Worker {
     stop: watch::Receiver<Option<Instant>>,
     batch_max: usize,
     publish_timeout: Duration,
+    linger: Duration,
+    /// The direct-mode batch, kept between batches for its capacity.
+    batch: Vec<Outgoing>,
     backoff: Backoff,
     /// Set once shutdown was asked for: bus attempts end at this instant.
     deadline: Option<Instant>,
@@ -59,6 +62,8 @@ impl Worker {
             stop,
             batch_max: config.batch_max.max(1),
             publish_timeout: config.publish_timeout,
+            linger: config.linger,
+            batch: Vec::new(),
             backoff: Backoff::new(
                 BACKOFF_MIN.min(config.retry_backoff_max),
                 config.retry_backoff_max,
@@ -99,25 +104,45 @@ impl Worker {
 
     /// Spool empty: publish what arrives, straight from the channel.
     async fn direct(&mut self) {
-        let mut batch = Vec::with_capacity(self.batch_max);
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
         tokio::select! {
             biased;
             d = stop_requested(&mut self.stop) => {
                 self.deadline = Some(d);
+                self.batch = batch;
                 return;
             }
             n = self.rx.recv_many(&mut batch, self.batch_max) => if n == 0 {
                 self.channel_closed = true;
+                self.batch = batch;
                 return;
             }
         }
-        self.publish_direct(batch).await;
+        if !self.linger.is_zero() && batch.len() < self.batch_max {
+            let until = Instant::now() + self.linger;
+            while batch.len() < self.batch_max {
+                let room = self.batch_max - batch.len();
+                match tokio::time::timeout_at(until, self.rx.recv_many(&mut batch, room)).await {
+                    Ok(0) => {
+                        // Closed: publish what we have; `run` drains after.
+                        self.channel_closed = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        self.publish_direct(&mut batch).await;
+        self.batch = batch;
     }
 
-    async fn publish_direct(&mut self, batch: Vec<Outgoing>) {
-        let results = self.attempt(&batch).await;
+    /// Publishes (and empties) `batch`.
+    async fn publish_direct(&mut self, batch: &mut Vec<Outgoing>) {
+        let results = self.attempt(batch).await;
         let (mut ok, mut retry, mut rejected, mut cause) = (0u64, Vec::new(), Vec::new(), None);
-        for (msg, result) in batch.into_iter().zip(results) {
+        for (msg, result) in batch.drain(..).zip(results) {
             match result {
                 Ok(receipt) => {
                     ok += 1;
@@ -235,14 +260,14 @@ impl Worker {
     /// spool is empty. True when the stash is empty afterwards.
     async fn flush_stash(&mut self) -> bool {
         if self.spool_empty() {
-            let batch = {
+            let mut batch = {
                 let mut stash = lock(&self.state.stash);
                 let n = stash.msgs.len().min(self.batch_max);
                 let batch: Vec<Outgoing> = stash.msgs.drain(..n).collect();
                 self.state.set_stashed(&stash);
                 batch
             };
-            self.publish_direct(batch).await;
+            self.publish_direct(&mut batch).await;
         } else {
             self.append_to_spool(Vec::new()).await;
         }
@@ -389,7 +414,7 @@ impl Worker {
         let n = rest.len();
         let mut rest = rest.into_iter();
         loop {
-            let batch: Vec<Outgoing> = rest.by_ref().take(self.batch_max).collect();
+            let mut batch: Vec<Outgoing> = rest.by_ref().take(self.batch_max).collect();
             if batch.is_empty() {
                 break;
             }
@@ -399,7 +424,7 @@ impl Worker {
                 && self.state.stashed() == 0
                 && self.state.bus_healthy()
             {
-                self.publish_direct(batch).await;
+                self.publish_direct(&mut batch).await;
             } else {
                 self.append_to_spool(batch).await;
             }
