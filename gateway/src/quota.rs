@@ -89,7 +89,8 @@ pub struct Quotas {
 }
 
 struct Inner {
-    kv: kv::Store,
+    /// `None` for a table without a bucket ([`Quotas::detached`]).
+    kv: Option<kv::Store>,
     /// By KV key (`tenant.<id>`, `key.<id>`). No capacity bound and no TTL:
     /// a snapshot is never re-read on a miss, so an eviction would lift a
     /// refusal. Its size is the number of snapshots billing writes.
@@ -185,7 +186,7 @@ impl Quotas {
         let loaded = kv_follow::load(&kv, &mut watch, "quota", Duration::from_secs(10)).await?;
         let quotas = Self {
             inner: Arc::new(Inner {
-                kv,
+                kv: Some(kv),
                 tracked: moka::sync::Cache::builder().build(),
                 pending: Mutex::new(HashMap::new()),
                 initial: Mutex::new(Some(watch)),
@@ -202,10 +203,26 @@ impl Quotas {
         Ok(quotas)
     }
 
+    /// Quotas with no bucket behind them: snapshots come only from
+    /// [`Quotas::apply`] (benchmarks and tests).
+    pub fn detached() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kv: None,
+                tracked: moka::sync::Cache::builder().build(),
+                pending: Mutex::new(HashMap::new()),
+                initial: Mutex::new(None),
+            }),
+        }
+    }
+
     /// Follows the bucket until `shutdown`.
     pub async fn watch(self, shutdown: CancellationToken) {
+        let Some(kv) = &self.inner.kv else {
+            return;
+        };
         let initial = self.inner.initial.lock().take();
-        kv_follow::follow(&self.inner.kv, "quota", initial, &shutdown, |entry| {
+        kv_follow::follow(kv, "quota", initial, &shutdown, |entry| {
             self.on_entry(entry)
         })
         .await;
