@@ -5,7 +5,7 @@
 #   ./deploy/local.sh down     stop everything `up` started
 #   ./deploy/local.sh status   what runs, where
 #   ./deploy/local.sh test     install what is missing and run every test
-#   ./deploy/local.sh bench    gateway overhead vs the direct mock at fixed rates (oha)
+#   ./deploy/local.sh bench    gateway overhead vs the direct mock (oha; --litellm: LiteLLM instead)
 #
 # Everything lives under .local/ (git-ignored) and uses ports of its own
 # (17400 and up), so it never collides with a NATS or ClickHouse already
@@ -268,14 +268,53 @@ cmd_test() {
   TOLLGATE_PROFILE=dev "$ROOT/tests/stack/run.sh"
 }
 
+# bench [--litellm] [latency.py options]: the gateway's overhead against the
+# direct mock (tests/bench/latency.py; `--suite all` for every suite). With
+# --litellm, LiteLLM's proxy (PyPI, in a venv under /var/tmp/tollgate-tools)
+# is started on port BASE+30 in front of the same mock and measured instead,
+# with the same harness; it is stopped afterwards.
 cmd_bench() {
-  local tools=/var/tmp/tollgate-tools
+  local tools=/var/tmp/tollgate-tools litellm=0 args=()
+  for a in "$@"; do
+    case $a in --litellm) litellm=1 ;; *) args+=("$a") ;; esac
+  done
   if [ ! -x "$tools/bin/oha" ]; then
     log "installing oha (load generator) into $tools"
     cargo install oha --locked --root "$tools" -q
   fi
   [ -f "$LOCAL/env" ] || die "run ./deploy/local.sh up first"
-  OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" "${@}"
+  if [ $litellm -eq 0 ]; then
+    OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" ${args[@]+"${args[@]}"}
+    return
+  fi
+  local venv=$tools/litellm-venv port=$((BASE + 30)) rc=0
+  if [ ! -x "$venv/bin/litellm" ]; then
+    apt_install python3-venv
+    log "installing LiteLLM's proxy into $venv (PyPI)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q 'litellm[proxy]'
+  fi
+  mkdir -p "$LOCAL/config"
+  cat >"$LOCAL/config/litellm.yaml" <<EOF
+# LiteLLM's proxy in front of the same mock upstream (written by local.sh bench).
+model_list:
+  - model_name: mock-gpt
+    litellm_params:
+      model: openai/mock-gpt-4o-mini
+      api_base: http://127.0.0.1:$MOCK_PORT/v1
+      api_key: sk-mock
+general_settings:
+  master_key: sk-bench
+EOF
+  start litellm env LITELLM_LOG=ERROR "$venv/bin/litellm" --config "$LOCAL/config/litellm.yaml" \
+    --host 127.0.0.1 --port "$port" --num_workers 1
+  wait_http litellm "http://127.0.0.1:$port/health/liveliness"
+  OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" \
+    --target litellm --target-url "http://127.0.0.1:$port" --target-key sk-bench \
+    --pid "$(cat "$(pidfile litellm)")" ${args[@]+"${args[@]}"} || rc=$?
+  stop litellm
+  return $rc
 }
 
 case "${1:-}" in
