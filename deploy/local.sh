@@ -16,6 +16,9 @@
 #   TOLLGATE_PORT_BASE   first port (default 17400)
 #   TOLLGATE_PROFILE     cargo profile for the services (default release)
 #   OTEL_*               passed through to the services
+#   TOLLGATE_OTLP_SINK=1 also start tollgate-otlp-sink and export every
+#                        service's spans to it (JSON lines in .local/spans.jsonl),
+#                        unless OTEL_EXPORTER_OTLP_ENDPOINT names a collector
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,6 +35,7 @@ GATEWAY_PORT=$((BASE + 10))
 BILLING_PORT=$((BASE + 11))
 METER_METRICS_PORT=$((BASE + 12))
 MOCK_PORT=$((BASE + 20))
+OTLP_SINK_PORT=$((BASE + 30))
 
 log() { printf '\033[1m[tollgate]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -156,6 +160,19 @@ render() { # render TEMPLATE OUT: fill @VARS@ of deploy/*.toml.in
 }
 
 
+# A local OTLP receiver when asked for (TOLLGATE_OTLP_SINK=1) and no
+# collector is configured: the services started after it export to it.
+start_otlp_sink() {
+  [ "${TOLLGATE_OTLP_SINK:-0}" = 1 ] || return 0
+  if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then
+    log "OTEL_EXPORTER_OTLP_ENDPOINT is set: exporting there, not starting the sink"; return 0
+  fi
+  start otlp-sink "$BIN/tollgate-otlp-sink" --listen "127.0.0.1:$OTLP_SINK_PORT" --out "$LOCAL/spans.jsonl"
+  wait_tcp otlp-sink "$OTLP_SINK_PORT"
+  export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$OTLP_SINK_PORT OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
+  OTLP_SPANS=$LOCAL/spans.jsonl
+}
+
 start_mock() {
   start mock "$BIN/tollgate-mock-upstream" --listen "127.0.0.1:$MOCK_PORT"
   wait_http mock "http://127.0.0.1:$MOCK_PORT/healthz"
@@ -222,11 +239,12 @@ TOLLGATE_KAFKA_BROKERS=
 TOLLGATE_METER_METRICS_URL=http://127.0.0.1:$METER_METRICS_PORT
 TOLLGATE_GATEWAY_BIN=$BIN/tollgate-gateway
 TOLLGATE_GATEWAY_CONFIG=$LOCAL/config/gateway.toml
+TOLLGATE_OTLP_SPANS=${OTLP_SPANS:-}
 EOF
   chmod 600 "$f.tmp"; mv "$f.tmp" "$f"
 }
 
-SERVICES=(meter gateway billing mock clickhouse nats)
+SERVICES=(meter gateway billing mock clickhouse nats otlp-sink)
 
 cmd_up() {
   install_runtime
@@ -236,6 +254,7 @@ cmd_up() {
   start_nats
   start_clickhouse
   migrate
+  start_otlp_sink
   start_mock
   start_billing
   seed_demo

@@ -127,6 +127,7 @@ impl OtlpReceiver {
             feed: broadcast::channel(1024).0,
         };
         let app = Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
             .route("/v1/traces", post(traces))
             .route(GRPC_EXPORT, post(grpc_export))
             .with_state(shared.clone());

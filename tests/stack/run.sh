@@ -7,6 +7,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export TOLLGATE_LOCAL_DIR=${TOLLGATE_STACK_TEST_DIR:-$(mktemp -d /tmp/tollgate-stack-test.XXXXXX)}
 export TOLLGATE_PORT_BASE=${TOLLGATE_STACK_TEST_PORT_BASE:-27400}
 export TOLLGATE_PROFILE=${TOLLGATE_PROFILE:-dev}
+# Traces on, to the stack's own OTLP sink: what ops get with a collector.
+export TOLLGATE_OTLP_SINK=${TOLLGATE_OTLP_SINK:-1}
+unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
 VENV=${TOLLGATE_VENV:-$ROOT/.local/venv}
 LOCAL_SH="$ROOT/deploy/local.sh"
 pass=0; fail=0
@@ -38,6 +41,37 @@ if curl -fsS -u "$TOLLGATE_CLICKHOUSE_USER:$TOLLGATE_CLICKHOUSE_PASSWORD" "$TOLL
   bad "the finance user can write"
 else
   ok "the finance user is read-only"
+fi
+
+# One request with the client's own traceparent is one trace: the gateway's
+# server span continues it and the meter's spans hang off the gateway's.
+if [ -n "${TOLLGATE_OTLP_SPANS:-}" ]; then
+  trace_id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  curl -fsS -o /dev/null "$TOLLGATE_GATEWAY_URL/v1/chat/completions" -H "authorization: Bearer $TOLLGATE_DEMO_KEY" \
+    -H 'content-type: application/json' -H "traceparent: 00-$trace_id-00f067aa0ba902b7-01" \
+    -d '{"model":"mock-gpt","messages":[{"role":"user","content":"trace me"}]}'
+  if python3 - "$TOLLGATE_OTLP_SPANS" "$trace_id" <<'PY'
+import json, sys, time
+path, trace = sys.argv[1], sys.argv[2]
+deadline = time.time() + 30
+while time.time() < deadline:
+    spans = []
+    try:
+        spans = [json.loads(l) for l in open(path) if trace in l]
+    except FileNotFoundError:
+        pass
+    server = [s for s in spans if s["service"] == "tollgate-gateway" and s["kind"] == 2]
+    meter = [s for s in spans if s["service"] == "tollgate-meter"
+             and server and s["parent_span_id"] == server[0]["span_id"]]
+    if server and server[0]["parent_span_id"] == "00f067aa0ba902b7" and len(meter) >= 2:
+        sys.exit(0)
+    time.sleep(0.2)
+print(f"trace {trace}: {len(spans)} spans in {path}", file=sys.stderr)
+sys.exit(1)
+PY
+  then ok "one request is one trace across gateway and meter (OTLP sink)"; else bad "no gateway+meter trace in the OTLP sink"; fi
+else
+  bad "TOLLGATE_OTLP_SPANS is empty: the OTLP sink did not start"
 fi
 
 if [ -d "$ROOT/tests/python" ] && [ -x "$VENV/bin/pytest" ]; then
