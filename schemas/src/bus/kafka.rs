@@ -701,6 +701,7 @@ impl EventBus for KafkaBus {
             filter: spec.filter,
             topic: self.inner.topic.clone(),
             grouped,
+            lag: Arc::new(Mutex::new(LagCell::default())),
         }))
     }
 
@@ -949,6 +950,7 @@ struct KafkaConsumer {
     topic: String,
     /// A consumer group (durable): commits go to the broker.
     grouped: bool,
+    lag: Arc<Mutex<LagCell>>,
 }
 
 impl KafkaConsumer {
@@ -1051,25 +1053,70 @@ impl EventConsumer for KafkaConsumer {
     }
 
     async fn lag(&mut self) -> Result<u64, BusError> {
-        let consumer = self.consumer.clone();
-        let topic = self.topic.clone();
-        blocking(move || {
-            let positions = consumer.position().map_err(unavailable)?;
-            let mut lag = 0u64;
-            for e in positions.elements_for_topic(&topic) {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, e.partition(), CALL_TIMEOUT)
-                    .map_err(unavailable)?;
-                let at = match e.offset() {
-                    Offset::Offset(o) => o.max(low),
-                    _ => low,
-                };
-                lag += u64::try_from(high - at).unwrap_or(0);
+        // Asking the broker for watermarks is a round trip per partition,
+        // too slow for the meter's loop to wait on: answer with the last
+        // measurement and refresh it in the background (at most one query
+        // in flight). Only the very first call waits.
+        let first = {
+            let mut l = self
+                .lag
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let start = !l.refreshing;
+            l.refreshing = true;
+            if start { Some(l.value.is_none()) } else { None }
+        };
+        if let Some(wait) = first {
+            let (consumer, topic, cell) =
+                (self.consumer.clone(), self.topic.clone(), self.lag.clone());
+            let query = tokio::task::spawn_blocking(move || {
+                let measured = measure_lag(&consumer, &topic);
+                let mut l = cell
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                l.refreshing = false;
+                if let Ok(v) = &measured {
+                    l.value = Some(*v);
+                }
+                measured
+            });
+            if wait {
+                return query
+                    .await
+                    .map_err(|e| unavailable(format!("blocking task: {e}")))?;
             }
-            Ok(lag)
-        })
-        .await
+        }
+        let l = self
+            .lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        l.value
+            .ok_or_else(|| unavailable("consumer lag not measured yet"))
     }
+}
+
+/// The last lag measurement of a consumer, refreshed in the background.
+#[derive(Default)]
+struct LagCell {
+    value: Option<u64>,
+    refreshing: bool,
+}
+
+/// Σ over assigned partitions of (end offset − the consumer's position).
+fn measure_lag(consumer: &StreamConsumer<Ctx>, topic: &str) -> Result<u64, BusError> {
+    let positions = consumer.position().map_err(unavailable)?;
+    let mut lag = 0u64;
+    for e in positions.elements_for_topic(topic) {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, e.partition(), CALL_TIMEOUT)
+            .map_err(unavailable)?;
+        let at = match e.offset() {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        lag += u64::try_from(high - at).unwrap_or(0);
+    }
+    Ok(lag)
 }
 
 #[cfg(test)]

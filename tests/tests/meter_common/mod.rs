@@ -392,3 +392,73 @@ pub async fn consumer_idle(nats_url: &str, names: &Names, durable: &str) -> bool
         Err(_) => false,
     }
 }
+
+// ------------------------------------------------------------------ Kafka
+
+/// Kafka settings for a test meter or publisher on `brokers` (tansu).
+pub fn kafka_settings(brokers: &str) -> tollgate_schemas::bus::KafkaSettings {
+    tollgate_schemas::bus::KafkaSettings {
+        brokers: brokers.to_owned(),
+        partitions: 3,
+        session_timeout_ms: 6_000,
+        properties: tollgate_tests::harness::tansu_client_properties(),
+        ..Default::default()
+    }
+}
+
+pub async fn kafka_bus(brokers: &str, names: &Names) -> tollgate_schemas::bus::KafkaBus {
+    tollgate_schemas::bus::KafkaBus::connect(&kafka_settings(brokers), names.clone())
+        .await
+        .unwrap()
+}
+
+/// [`meter_toml`] on Kafka (the meter does not touch NATS then).
+pub fn kafka_meter_toml(
+    brokers: &str,
+    namespace: &str,
+    ch_url: &str,
+    database: &str,
+    max_events: usize,
+) -> String {
+    let base = meter_toml(
+        "nats://127.0.0.1:1",
+        namespace,
+        ch_url,
+        database,
+        max_events,
+        30,
+    );
+    let props: String = tollgate_tests::harness::tansu_client_properties()
+        .iter()
+        .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+        .collect();
+    format!(
+        "bus = \"kafka\"\n{base}[kafka]\nbrokers = \"{brokers}\"\npartitions = 3\n\
+         session_timeout_ms = 6000\n[kafka.properties]\n{props}"
+    )
+}
+
+/// Publishes on any bus and asserts every message was acknowledged.
+pub async fn publish_all_on(bus: &dyn EventBus, msgs: Vec<Outgoing>) {
+    for chunk in msgs.chunks(500) {
+        for r in bus.publish_many(chunk.to_vec()).await {
+            r.unwrap();
+        }
+    }
+}
+
+/// Waits until `log`'s file contains `needle` (bounded).
+pub async fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{} never said {needle:?} within {timeout:?}:\n{}",
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
