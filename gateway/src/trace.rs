@@ -53,7 +53,15 @@ pub fn server_span(
             trace_id = Empty,
         )
     } else {
-        tracing::info_span!("request", request_id = &*rid.0, trace_id = Empty)
+        // No exporter: the caller's trace (or a new one) goes on in the
+        // events, and the span only labels this request's log lines.
+        let tp = tollgate_telemetry::handoff(incoming(headers));
+        let span = tracing::info_span!(
+            "request",
+            request_id = &*rid.0,
+            trace_id = tollgate_telemetry::trace_id(&tp).unwrap_or_default()
+        );
+        return (span, tp);
     };
     let tp = tollgate_telemetry::continue_trace(&span, incoming(headers));
     (span, tp)

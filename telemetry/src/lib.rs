@@ -221,9 +221,39 @@ pub fn span_context(traceparent: &str) -> Option<SpanContext> {
     remote_context(traceparent).map(|cx| cx.span().span_context().clone())
 }
 
-/// Whether `traceparent` is a valid W3C header value.
+/// Whether `traceparent` is a valid W3C header value (version 00 layout,
+/// lower-case hex, non-zero ids; a later version may append fields).
 pub fn is_valid(traceparent: &str) -> bool {
-    remote_context(traceparent).is_some()
+    let b = traceparent.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .is_some_and(|s| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
+    };
+    let zero = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(|&c| c == b'0'));
+    let version_ok = match b.get(0..2) {
+        Some(b"00") => b.len() == 55,
+        Some(b"ff") => false,
+        _ => b.len() >= 55 && b.get(55).is_none_or(|&c| c == b'-'),
+    };
+    version_ok
+        && hex(0..2)
+        && b.get(2) == Some(&b'-')
+        && hex(3..35)
+        && !zero(3..35)
+        && b.get(35) == Some(&b'-')
+        && hex(36..52)
+        && !zero(36..52)
+        && b.get(52) == Some(&b'-')
+        && hex(53..55)
+}
+
+/// The `traceparent` to hand on when not exporting: the caller's (lower
+/// case) if valid, else a fresh trace. Cheap: no OpenTelemetry types.
+pub fn handoff(incoming: Option<&str>) -> String {
+    match incoming.map(str::to_ascii_lowercase) {
+        Some(tp) if is_valid(&tp) => tp,
+        _ => new_traceparent(),
+    }
 }
 
 /// Makes `span` a child of the remote span `traceparent` names (no-op when
@@ -322,6 +352,26 @@ mod tests {
         ));
         assert!(!is_valid("garbage"));
         assert!(!is_valid(""));
+        assert!(!is_valid(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"
+        ));
+        assert!(!is_valid(
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+        ));
+        assert!(is_valid(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+        ));
+        // Agrees with OpenTelemetry's own parser on what both accept.
+        for tp in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            &new_traceparent(),
+        ] {
+            assert_eq!(is_valid(tp), remote_context(tp).is_some(), "{tp}");
+        }
         let tp = new_traceparent();
         assert!(is_valid(&tp), "{tp}");
         assert_eq!(trace_id(&tp).unwrap().len(), 32);
