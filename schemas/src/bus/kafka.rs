@@ -345,7 +345,23 @@ struct Inner {
     topic: String,
     deadletter_topic: String,
     deadletter_prefix: String,
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (an idempotent
+    /// producer can fence itself after timeouts); never held across awaits.
+    producer: std::sync::RwLock<(u64, FutureProducer)>,
+}
+
+fn make_producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
+    settings
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set(
+            "message.timeout.ms",
+            settings.publish_timeout_ms.to_string(),
+        )
+        .create()
+        .map_err(config_error)
 }
 
 impl KafkaBus {
@@ -360,17 +376,7 @@ impl KafkaBus {
     /// The producer only; touches no broker.
     pub fn new(settings: &KafkaSettings, names: Names) -> Result<Self, BusError> {
         settings.validate().map_err(config_error)?;
-        let producer: FutureProducer = settings
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set(
-                "message.timeout.ms",
-                settings.publish_timeout_ms.to_string(),
-            )
-            .create()
-            .map_err(config_error)?;
+        let producer = make_producer(settings)?;
         let topic = settings
             .topic
             .clone()
@@ -387,9 +393,57 @@ impl KafkaBus {
                 topic,
                 deadletter_topic,
                 deadletter_prefix,
-                producer,
+                producer: std::sync::RwLock::new((0, producer)),
             }),
         })
+    }
+
+    fn producer(&self) -> (u64, FutureProducer) {
+        self.inner
+            .producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces producer `generation` if librdkafka declared it unusable or
+    /// the broker fenced it: an idempotent producer whose messages timed
+    /// out (broker unreachable) bumps its epoch, and a broker that does not
+    /// follow (tansu) fences it from then on. A new producer gets a new id;
+    /// nothing is lost (failed messages are spooled and replayed) and a
+    /// duplicate is absorbed by the consumers' event-id dedup.
+    fn recover(&self, generation: u64, producer: &FutureProducer, errors: &[&KafkaError]) {
+        use RDKafkaErrorCode as C;
+        let fenced = errors.iter().any(|e| {
+            matches!(
+                e.rdkafka_error_code(),
+                Some(
+                    C::ProducerFenced
+                        | C::InvalidProducerEpoch
+                        | C::OutOfOrderSequenceNumber
+                        | C::UnknownProducerId
+                        | C::InvalidProducerIdMapping
+                        | C::Fatal
+                )
+            )
+        });
+        let fatal = producer.client().fatal_error();
+        if !fenced && fatal.is_none() {
+            return;
+        }
+        let mut current = self
+            .inner
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 != generation {
+            return; // another publish replaced it already
+        }
+        tracing::warn!(fatal = ?fatal, errors = errors.len(), "Kafka producer fenced or failed; creating a new one");
+        match make_producer(&self.inner.settings) {
+            Ok(fresh) => *current = (generation + 1, fresh),
+            Err(e) => tracing::error!(error = %e, "cannot create a new Kafka producer"),
+        }
     }
 
     /// The events topic.
@@ -461,7 +515,7 @@ impl KafkaBus {
 
     /// The number of partitions of `topic` (0 if the broker does not know it).
     async fn partitions_of(&self, topic: &str) -> Result<i32, BusError> {
-        let producer = self.inner.producer.clone();
+        let (_, producer) = self.producer();
         let topic = topic.to_owned();
         blocking(move || {
             let md = producer
@@ -488,7 +542,7 @@ impl KafkaBus {
                 self.inner.topic
             )));
         }
-        let producer = self.inner.producer.clone();
+        let (_, producer) = self.producer();
         let topic = self.inner.topic.clone();
         blocking(move || {
             (0..n)
@@ -611,6 +665,7 @@ impl EventBus for KafkaBus {
     async fn publish_many(&self, msgs: Vec<Outgoing>) -> Vec<Result<PublishReceipt, BusError>> {
         // Enqueue all, then await all acknowledgements: librdkafka batches
         // and pipelines them, and against a dead broker they expire together.
+        let (generation, producer) = self.producer();
         let mut pending = Vec::with_capacity(msgs.len());
         for msg in &msgs {
             let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len() + 2)
@@ -632,15 +687,10 @@ impl EventBus for KafkaBus {
                 .key(key_of(&msg.subject))
                 .payload(msg.payload.as_ref())
                 .headers(headers);
-            pending.push(
-                self.inner
-                    .producer
-                    .send_result(record)
-                    .map_err(|(e, _)| BusError::new(classify(&e), e)),
-            );
+            pending.push(producer.send_result(record).map_err(|(e, _)| e));
         }
-        futures::future::join_all(pending.into_iter().map(|sent| async move {
-            let fut = sent?;
+        let raw = futures::future::join_all(pending.into_iter().map(|sent| async move {
+            let fut = sent.map_err(Some)?;
             match fut.await {
                 Ok(Ok(d)) => Ok(PublishReceipt {
                     position: position(
@@ -649,11 +699,27 @@ impl EventBus for KafkaBus {
                     ),
                     duplicate: false,
                 }),
-                Ok(Err((e, _))) => Err(BusError::new(classify(&e), e)),
-                Err(_) => Err(unavailable("producer dropped the message")),
+                Ok(Err((e, _))) => Err(Some(e)),
+                Err(_) => Err(None),
             }
         }))
-        .await
+        .await;
+        let errors: Vec<&KafkaError> = raw
+            .iter()
+            .filter_map(|r| r.as_ref().err().and_then(Option::as_ref))
+            .collect();
+        if !errors.is_empty() {
+            tracing::debug!(error = %errors[0], failed = errors.len(), "Kafka publish failed");
+            self.recover(generation, &producer, &errors);
+        }
+        raw.into_iter()
+            .map(|r| {
+                r.map_err(|e| match e {
+                    Some(e) => BusError::new(classify(&e), e),
+                    None => unavailable("producer dropped the message"),
+                })
+            })
+            .collect()
     }
 
     async fn consumer(&self, spec: ConsumerSpec) -> Result<Box<dyn EventConsumer>, BusError> {
