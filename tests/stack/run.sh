@@ -11,6 +11,9 @@ export TOLLGATE_PROFILE=${TOLLGATE_PROFILE:-dev}
 export TOLLGATE_OTLP_SINK=${TOLLGATE_OTLP_SINK:-1}
 unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
 VENV=${TOLLGATE_VENV:-$ROOT/.local/venv}
+# Which bus carries events in this pass (TOLLGATE_BUS=kafka: the whole stack
+# on a tansu broker); `.local/env` must say the same.
+WANT_BUS=${TOLLGATE_BUS:-nats}
 LOCAL_SH="$ROOT/deploy/local.sh"
 pass=0; fail=0
 ok() { echo "ok: $*"; pass=$((pass + 1)); }
@@ -31,6 +34,15 @@ for v in TOLLGATE_GATEWAY_URL TOLLGATE_BILLING_URL TOLLGATE_ADMIN_KEY TOLLGATE_D
   grep -q "^$v=" "$TOLLGATE_LOCAL_DIR/env" || bad ".local/env lacks $v"
 done
 ok ".local/env has every variable of ARCHITECTURE.md"
+if [ "$TOLLGATE_BUS" = "$WANT_BUS" ]; then ok "events on $WANT_BUS (.local/env says so)"; else bad ".local/env says TOLLGATE_BUS=$TOLLGATE_BUS, expected $WANT_BUS"; fi
+if [ "$WANT_BUS" = kafka ]; then
+  if [ -n "$TOLLGATE_KAFKA_BROKERS" ] && (exec 3<>"/dev/tcp/${TOLLGATE_KAFKA_BROKERS%:*}/${TOLLGATE_KAFKA_BROKERS##*:}") 2>/dev/null \
+     && grep -q "kafka partitions assigned" "$TOLLGATE_LOCAL_DIR/log/meter.log"; then
+    ok "the meter consumes from the Kafka broker at $TOLLGATE_KAFKA_BROKERS"
+  else
+    bad "Kafka: broker '$TOLLGATE_KAFKA_BROKERS' not answering or the meter holds no partitions"
+  fi
+fi
 
 tables=$(curl -fsS -u "$TOLLGATE_CLICKHOUSE_USER:$TOLLGATE_CLICKHOUSE_PASSWORD" "$TOLLGATE_CLICKHOUSE_URL/" --data-binary "SHOW TABLES FROM tollgate")
 missing=""
@@ -92,5 +104,5 @@ for p in $started_pids; do kill -0 "$p" 2>/dev/null && left="$left pid $p"; done
 [ -z "$left" ] && ok "down leaves no process of ours running" || bad "still running after down: $left"
 trap - EXIT
 
-echo "stack: $pass passed, $fail failed"
+echo "stack (events on $WANT_BUS): $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
