@@ -59,8 +59,8 @@ pub const FAULT_ACK_DELAY_ENV: &str = "TOLLGATE_METER_FAULT_ACK_DELAY_MS";
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Which bus carries events; NATS always runs (dead letters on JetStream
-    /// are not used with Kafka: they go to the Kafka dead-letter topic).
+    /// Which bus carries events (and dead letters). With `kafka` the meter
+    /// needs nothing from NATS.
     #[serde(default)]
     pub bus: BusKind,
     #[serde(default)]

@@ -260,3 +260,63 @@ async fn kafka_replay_rebuilds_usage_exactly() {
             .await;
     }
 }
+
+/// A poison message on Kafka is parked in the dead-letter topic (with its
+/// reason, origin subject and position) and does not hold the partition
+/// back: the good events around it are stored and the group's offsets pass it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_poison_goes_to_the_deadletter_topic_and_the_partition_moves_on() {
+    let env = TestEnv::new();
+    let brokers = shared_tansu().brokers();
+    let bus = kafka_bus(&brokers, &env.names).await;
+    let events: Vec<Event> = (0..30).map(usage_event).collect();
+    let mut msgs: Vec<_> = events
+        .iter()
+        .map(|e| outgoing(&env.names, e, None))
+        .collect();
+    let mut poison = outgoing(&env.names, &events[0], Some("poison-1".into()));
+    poison.payload = bytes::Bytes::from_static(b"{\"kind\": \"usage\", \"oops\": true}");
+    let poison_subject = poison.subject.clone();
+    msgs.insert(10, poison);
+    publish_all_on(&bus, msgs).await;
+
+    let mconf = tollgate_meter::Config::from_toml(&kafka_meter_toml(
+        &brokers,
+        &env.id,
+        &env.clickhouse_url,
+        &env.database,
+        100,
+    ))
+    .unwrap();
+    let meter = InProcessMeter::start(mconf, None);
+    wait_exact(&env, &bus, &events, Duration::from_secs(60)).await;
+    meter.shutdown().await;
+
+    // Read the dead-letter topic through a bus whose events topic it is.
+    let mut dl_settings = kafka_settings(&brokers);
+    dl_settings.topic = Some(bus.deadletter_topic().to_owned());
+    let dl = KafkaBus::new(&dl_settings, env.names.clone()).unwrap();
+    let mut c = dl
+        .consumer(tollgate_schemas::bus::ConsumerSpec::new(
+            env.names.deadletter_filter(),
+        ))
+        .await
+        .unwrap();
+    let mut parked = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while parked.is_empty() && tokio::time::Instant::now() < deadline {
+        parked = c.fetch(10, Duration::from_millis(500)).await.unwrap();
+    }
+    assert_eq!(parked.len(), 1, "one dead letter");
+    let d = &parked[0];
+    assert_eq!(d.subject, env.names.deadletter_subject(&poison_subject));
+    assert_eq!(
+        d.header(tollgate_meter::pipeline::DEADLETTER_SUBJECT_HEADER),
+        Some(poison_subject.as_str())
+    );
+    assert!(
+        d.header(tollgate_meter::pipeline::DEADLETTER_REASON_HEADER)
+            .is_some_and(|r| !r.is_empty())
+    );
+    assert_eq!(&d.payload[..], b"{\"kind\": \"usage\", \"oops\": true}");
+}
