@@ -9,6 +9,7 @@
 //! client's format or the upstream's: usage is always read from what the
 //! upstream reported, in its own format, before any translation.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -402,13 +403,63 @@ fn admit(
     ))
 }
 
-/// The request in each wire format a deployment of the plan needs.
-struct Bodies {
+/// The request in each wire format a deployment of the plan needs. A format
+/// the client already speaks borrows the parsed request rather than copying
+/// it (a copy costs as much as the prompt is long).
+struct Bodies<'a> {
     /// Chat (or completions, embeddings) for OpenAI-format deployments.
-    openai: Option<Map<String, Value>>,
+    openai: Option<Cow<'a, Map<String, Value>>>,
     /// The Responses request itself, for deployments that serve `/responses`.
-    openai_responses: Option<Map<String, Value>>,
-    anthropic: Option<Map<String, Value>>,
+    openai_responses: Option<Cow<'a, Map<String, Value>>>,
+    anthropic: Option<Cow<'a, Map<String, Value>>>,
+}
+
+/// `m` serialised with `model` as its `model` member, without copying `m`
+/// (the output is the same as inserting it into a copy: keys stay sorted).
+/// This is the upstream request body, once per attempt.
+pub fn body_with_model(m: &Map<String, Value>, model: &str) -> Bytes {
+    struct WithModel<'a>(&'a Map<String, Value>, &'a str);
+    impl serde::Serialize for WithModel<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let (m, model) = (self.0, self.1);
+            let missing = !m.contains_key("model");
+            let mut out = s.serialize_map(Some(m.len() + usize::from(missing)))?;
+            let mut pending = missing;
+            for (k, v) in m {
+                if pending && k.as_str() > "model" {
+                    out.serialize_entry("model", model)?;
+                    pending = false;
+                }
+                if k == "model" {
+                    out.serialize_entry(k, model)?;
+                } else {
+                    out.serialize_entry(k, v)?;
+                }
+            }
+            if pending {
+                out.serialize_entry("model", model)?;
+            }
+            out.end()
+        }
+    }
+    Bytes::from(serde_json::to_vec(&WithModel(m, model)).unwrap_or_default())
+}
+
+/// The client's own request for an OpenAI upstream: borrowed unless it
+/// streams without `stream_options.include_usage: true`, which the gateway
+/// always asks for.
+fn native_openai(req: &Map<String, Value>, stream: bool) -> Cow<'_, Map<String, Value>> {
+    let asks_usage = req
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    if !stream || asks_usage {
+        Cow::Borrowed(req)
+    } else {
+        Cow::Owned(with_stream_usage(req.clone(), stream))
+    }
 }
 
 /// Always ask an OpenAI upstream for stream usage; stripped again if the
@@ -428,12 +479,12 @@ fn with_stream_usage(mut m: Map<String, Value>, stream: bool) -> Map<String, Val
     m
 }
 
-fn bodies(
+fn bodies<'a>(
     surface: Surface,
-    req: &Map<String, Value>,
+    req: &'a Map<String, Value>,
     plan: &[Arc<Deployment>],
     stream: bool,
-) -> Result<Bodies, GatewayError> {
+) -> Result<Bodies<'a>, GatewayError> {
     let needs = |p: ProviderKind| plan.iter().any(|d| d.provider == p);
     let invalid = |e: translate::TranslateError| match e {
         translate::TranslateError::Invalid { message, param } => {
@@ -450,26 +501,32 @@ fn bodies(
             .any(|d| d.provider == ProviderKind::Openai && !d.responses_api)
         {
             let chat = translate::responses_request_to_chat(req).map_err(invalid)?;
-            Some(with_stream_usage(chat, stream))
+            Some(Cow::Owned(with_stream_usage(chat, stream)))
         } else {
             None
         }
     } else if surface.native() == ProviderKind::Openai {
-        Some(with_stream_usage(req.clone(), stream))
+        Some(native_openai(req, stream))
     } else {
-        Some(translate::anthropic_request_to_openai_chat(req, "").map_err(invalid)?)
+        Some(Cow::Owned(
+            translate::anthropic_request_to_openai_chat(req, "").map_err(invalid)?,
+        ))
     };
-    let openai_responses =
-        (surface == Surface::Responses && plan.iter().any(native_responses)).then(|| req.clone());
+    let openai_responses = (surface == Surface::Responses && plan.iter().any(native_responses))
+        .then_some(Cow::Borrowed(req));
     let anthropic = if !needs(ProviderKind::Anthropic) {
         None
     } else if surface.native() == ProviderKind::Anthropic {
-        Some(req.clone())
+        Some(Cow::Borrowed(req))
     } else if surface == Surface::Chat {
-        Some(translate::openai_chat_request_to_anthropic(req, "").map_err(invalid)?)
+        Some(Cow::Owned(
+            translate::openai_chat_request_to_anthropic(req, "").map_err(invalid)?,
+        ))
     } else if surface == Surface::Responses {
         let chat = translate::responses_request_to_chat(req).map_err(invalid)?;
-        Some(translate::openai_chat_request_to_anthropic(&chat, "").map_err(invalid)?)
+        Some(Cow::Owned(
+            translate::openai_chat_request_to_anthropic(&chat, "").map_err(invalid)?,
+        ))
     } else {
         return Err(GatewayError::bad_request(
             format!(
@@ -529,9 +586,10 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
             ProviderKind::Openai => bodies.openai.as_ref(),
             ProviderKind::Anthropic => bodies.anthropic.as_ref(),
         };
-        let mut m = base.cloned().unwrap_or_default();
-        m.insert("model".into(), Value::String(d.upstream_model.clone()));
-        Bytes::from(serde_json::to_vec(&m).unwrap_or_default())
+        match base {
+            Some(m) => body_with_model(m, &d.upstream_model),
+            None => body_with_model(&Map::new(), &d.upstream_model),
+        }
     };
     let path_for = move |d: &Deployment| surface.upstream_path(d);
     let timeouts = &app.config.timeouts;
@@ -752,7 +810,7 @@ fn plain_usage(provider: ProviderKind, body: &Value) -> (Option<TokenCounts>, Op
     let model = body.get("model").and_then(Value::as_str).map(str::to_owned);
     let usage = match (provider, body.get("usage")) {
         (_, None | Some(Value::Null)) => None,
-        (ProviderKind::Openai, Some(u)) => serde_json::from_value::<OpenAiUsage>(u.clone())
+        (ProviderKind::Openai, Some(u)) => <OpenAiUsage as serde::Deserialize>::deserialize(u)
             .ok()
             .map(|u| u.tokens()),
         (ProviderKind::Anthropic, Some(u)) => Some(translate::anthropic_usage_tokens(u)),
@@ -1056,5 +1114,54 @@ impl Drop for StreamRelay {
     fn drop(&mut self) {
         // The client went away mid-stream: its usage still counts.
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The old way: copy, insert, serialise.
+    fn copied(m: &Map<String, Value>, model: &str) -> Vec<u8> {
+        let mut m = m.clone();
+        m.insert("model".into(), Value::String(model.into()));
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    #[test]
+    fn body_with_model_equals_a_copy_with_the_model_inserted() {
+        for body in [
+            serde_json::json!({"model": "public", "messages": [{"role": "user", "content": "hi \"x\""}], "stream": true}),
+            serde_json::json!({"messages": [], "zeta": 1}),
+            serde_json::json!({"a": 1, "b": {"model": "nested"}}),
+            serde_json::json!({"zzz": null}),
+            serde_json::json!({}),
+        ] {
+            let m = body.as_object().unwrap();
+            assert_eq!(
+                body_with_model(m, "up-1").to_vec(),
+                copied(m, "up-1"),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn native_openai_borrows_unless_stream_usage_must_be_added() {
+        let plain = serde_json::json!({"model": "m", "messages": []});
+        assert!(matches!(
+            native_openai(plain.as_object().unwrap(), false),
+            Cow::Borrowed(_)
+        ));
+        let asks = serde_json::json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}});
+        assert!(matches!(
+            native_openai(asks.as_object().unwrap(), true),
+            Cow::Borrowed(_)
+        ));
+        let silent = serde_json::json!({"model": "m", "stream": true});
+        let got = native_openai(silent.as_object().unwrap(), true);
+        assert_eq!(got["stream_options"]["include_usage"], Value::Bool(true));
     }
 }
