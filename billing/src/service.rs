@@ -1251,6 +1251,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn priced_positions_are_kept_per_lane_and_given_per_tenant() {
+        use tollgate_schemas::bus::position;
+        let mut st = State::default();
+        // JetStream: one lane, the marker is the stream sequence.
+        st.observe_priced("acme", 7);
+        st.observe_priced("globex", 9);
+        assert_eq!(st.priced_for("acme"), 9);
+        assert_eq!(st.priced_for("unseen"), 9);
+        // Kafka: acme in partition 2, globex in partition 1.
+        let mut st = State::default();
+        st.observe_priced("acme", position(2, 5));
+        st.observe_priced("globex", position(1, 40));
+        st.observe_priced("initech", position(0, 3));
+        assert_eq!(st.priced_for("acme"), position(2, 5));
+        assert_eq!(st.priced_for("globex"), position(1, 40));
+        // Never seen: partition 0's marker, below every position of the
+        // other partitions (a gateway keeps its debit longer, never shorter).
+        assert_eq!(st.priced_for("unseen"), position(0, 3));
+        assert!(st.priced_for("unseen") < position(1, 1));
+        assert!(st.priced_all(&[position(0, 3), position(1, 40), position(2, 5)]));
+        assert!(!st.priced_all(&[position(0, 3), position(1, 41), position(2, 5)]));
+        // An empty partition needs nothing priced.
+        assert!(st.priced_all(&[
+            position(0, 3),
+            position(1, 40),
+            position(2, 5),
+            position(3, 0)
+        ]));
+    }
+
+    #[test]
     fn months() {
         let t = Utc.with_ymd_and_hms(2026, 12, 15, 10, 0, 0).unwrap();
         assert_eq!(
