@@ -25,6 +25,10 @@
 //! long-lived dedup window like JetStream's, so a spooled event replayed
 //! after a timeout that had in fact landed is stored twice; the meter and
 //! billing deduplicate by event id, which is where exactness lives anyway.
+//! An idempotent producer whose messages timed out bumps its epoch; a broker
+//! that then fences it (tansu does), or a fatal librdkafka error, makes the
+//! bus replace the producer (a new producer id): the failed publishes were
+//! already spooled, so nothing is lost.
 //!
 //! # Consuming
 //!
@@ -48,6 +52,9 @@
 //! messages from the committed offset. That can insert a batch twice, which
 //! the meter's `FINAL` views and billing's event-id dedup absorb; it can never
 //! skip one.
+//!
+//! `lag()` answers from a background measurement (watermarks are a broker
+//! round trip per partition, too slow for the meter's loop to wait on).
 //!
 //! Kafka has no per-message ack timer: a delivered message that is never
 //! committed comes back only after a rebalance or restart (not after

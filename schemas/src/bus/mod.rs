@@ -109,7 +109,8 @@ pub struct Outgoing {
 pub struct PublishReceipt {
     /// Position in the message's lane (see the module docs).
     pub position: u64,
-    /// The transport recognised the idempotency key and did not store it again.
+    /// The transport recognised the idempotency key and did not store it
+    /// again (JetStream's duplicate window; Kafka never says so).
     pub duplicate: bool,
 }
 
