@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use tollgate_gateway::{Config, auth::KeyStore};
 use tollgate_schemas::records::KeyRecord;
 
+// Per request the gateway allocates and frees many small buffers (JSON,
+// SSE frames, events); glibc's malloc was about a fifth of its CPU in the
+// profile, and a faster allocator cut CPU per request by ~14 %.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate-gateway",
