@@ -731,9 +731,11 @@ impl EventBus for KafkaBus {
 
     async fn consumer(&self, spec: ConsumerSpec) -> Result<Box<dyn EventConsumer>, BusError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let lost_at = Arc::new(Mutex::new(None));
         let ctx = Ctx {
             tracker: tracker.clone(),
             topic: self.inner.topic.clone(),
+            lost_at: lost_at.clone(),
         };
         let reset = match spec.start {
             StartFrom::New => "latest",
@@ -775,6 +777,8 @@ impl EventBus for KafkaBus {
             topic: self.inner.topic.clone(),
             grouped,
             lag: Arc::new(Mutex::new(LagCell::default())),
+            lost_at,
+            rejoin_within: Duration::from_millis(self.inner.settings.session_timeout_ms * 2),
         }))
     }
 
@@ -969,6 +973,11 @@ fn commit_list(topic: &str, due: &[(i32, i64, u64)]) -> Result<TopicPartitionLis
 struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
     topic: String,
+    /// Since when this member has had partitions revoked (or lost, when its
+    /// session timed out while the broker was unreachable) without the
+    /// rebalance completing: cleared by the next assignment, even an empty
+    /// one.
+    lost_at: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl ClientContext for Ctx {}
@@ -984,9 +993,15 @@ impl ConsumerContext for Ctx {
             .map(|e| e.partition())
             .collect();
         let due = lock(&self.tracker).revoke(&partitions);
+        let lost = consumer.assignment_lost();
+        self.lost_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert_with(std::time::Instant::now);
         tracing::info!(
             ?partitions,
             committing = due.len(),
+            lost,
             "kafka partitions revoked"
         );
         if due.is_empty() {
@@ -1006,6 +1021,10 @@ impl ConsumerContext for Ctx {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            *self
+                .lost_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             let partitions: Vec<i32> = tpl
                 .elements_for_topic(&self.topic)
                 .iter()
@@ -1024,6 +1043,11 @@ struct KafkaConsumer {
     /// A consumer group (durable): commits go to the broker.
     grouped: bool,
     lag: Arc<Mutex<LagCell>>,
+    /// See [`Ctx::lost_at`].
+    lost_at: Arc<Mutex<Option<std::time::Instant>>>,
+    /// How long a member dropped by the group may take to be assigned
+    /// partitions again before `fetch` fails (callers then reopen it).
+    rejoin_within: Duration,
 }
 
 impl KafkaConsumer {
@@ -1058,6 +1082,23 @@ impl KafkaConsumer {
 #[async_trait]
 impl EventConsumer for KafkaConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        // A rebalance normally completes within a session timeout. If this
+        // member's partitions were revoked or lost (session timed out while
+        // the broker was unreachable) and no assignment (not even an empty
+        // one) has followed in twice that, say so: the caller reopens the
+        // consumer as a new member (seen with tansu after a long outage).
+        let lost = *self
+            .lost_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(at) = lost
+            && at.elapsed() > self.rejoin_within
+        {
+            return Err(unavailable(format!(
+                "partitions revoked {:.0?} ago and the group has not reassigned; reopen the consumer",
+                at.elapsed()
+            )));
+        }
         let mut out = Vec::new();
         let mut skipped = false;
         let deadline = tokio::time::Instant::now() + wait;
