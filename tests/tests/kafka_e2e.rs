@@ -295,13 +295,19 @@ async fn kafka_broker_unreachable_gateway_spools_and_every_event_arrives_once() 
     )
     .await
     .unwrap();
-    let mconf = tollgate_meter::Config::from_toml(&kafka_meter_toml(
-        &tansu.brokers(),
-        &env.id,
-        &env.clickhouse_url,
-        &env.database,
-        200,
-    ))
+    // The outage tests the gateway's spool, not group membership: with a
+    // session longer than the outage, tansu never has to re-form the group
+    // (its rejoin after a lapsed session can stall for a minute; README).
+    let mconf = tollgate_meter::Config::from_toml(
+        &kafka_meter_toml(
+            &tansu.brokers(),
+            &env.id,
+            &env.clickhouse_url,
+            &env.database,
+            200,
+        )
+        .replace("session_timeout_ms = 6000", "session_timeout_ms = 30000"),
+    )
     .unwrap();
     let meter = InProcessMeter::start(mconf, None);
 
