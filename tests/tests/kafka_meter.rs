@@ -59,19 +59,7 @@ async fn kafka_kill_9_between_insert_and_commit_loses_and_doubles_nothing() {
 
     const N: u64 = 4_000;
     let events: Vec<Event> = (0..N).map(usage_event).collect();
-    let load = {
-        let (bus, names, events) = (bus.clone(), env.names.clone(), events.clone());
-        tokio::spawn(async move {
-            for chunk in events.chunks(40) {
-                publish_all_on(
-                    &bus,
-                    chunk.iter().map(|e| outgoing(&names, e, None)).collect(),
-                )
-                .await;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        })
-    };
+    let load = spawn_load(&bus, &env.names, &events, Duration::from_millis(60));
 
     let fault = [("TOLLGATE_METER_FAULT_ACK_DELAY_MS", "250".to_owned())];
     let mut between = 0;
@@ -125,7 +113,7 @@ async fn kafka_two_meters_rebalance_mid_stream() {
         let (bus, names, events) = (bus.clone(), env.names.clone(), events.clone());
         tokio::spawn(async move {
             for chunk in events.chunks(50) {
-                publish_all_on(
+                publish_all(
                     &bus,
                     chunk.iter().map(|e| outgoing(&names, e, None)).collect(),
                 )
@@ -203,7 +191,7 @@ async fn kafka_replay_rebuilds_usage_exactly() {
     let mut poison = outgoing(&env.names, &events[0], Some("poison-1".into()));
     poison.payload = bytes::Bytes::from_static(b"{\"kind\": \"usage\", \"oops\": true}");
     msgs.push(poison);
-    publish_all_on(&bus, msgs).await;
+    publish_all(&bus, msgs).await;
 
     let dir = tempfile::tempdir().unwrap();
     for (suffix, batch) in [("a", 7usize), ("b", 1_000)] {
@@ -278,7 +266,7 @@ async fn kafka_poison_goes_to_the_deadletter_topic_and_the_partition_moves_on() 
     poison.payload = bytes::Bytes::from_static(b"{\"kind\": \"usage\", \"oops\": true}");
     let poison_subject = poison.subject.clone();
     msgs.insert(10, poison);
-    publish_all_on(&bus, msgs).await;
+    publish_all(&bus, msgs).await;
 
     let mconf = tollgate_meter::Config::from_toml(&kafka_meter_toml(
         &brokers,

@@ -46,19 +46,7 @@ async fn kill_9_between_insert_and_ack_loses_and_doubles_nothing() {
 
     const N: u64 = 6_000;
     let events: Vec<Event> = (0..N).map(usage_event).collect();
-    let load = {
-        let (bus, names, events) = (bus.clone(), env.names.clone(), events.clone());
-        tokio::spawn(async move {
-            for chunk in events.chunks(40) {
-                publish_all(
-                    &bus,
-                    chunk.iter().map(|e| outgoing(&names, e, None)).collect(),
-                )
-                .await;
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-        })
-    };
+    let load = spawn_load(&bus, &env.names, &events, Duration::from_millis(40));
 
     let fault = [("TOLLGATE_METER_FAULT_ACK_DELAY_MS", "250".to_owned())];
     let mut kills_between_insert_and_ack = 0;

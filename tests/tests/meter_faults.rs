@@ -39,19 +39,7 @@ async fn clickhouse_outage_under_load_loses_nothing_and_the_meter_recovers_witho
 
     const N: u64 = 2_500;
     let events: Vec<Event> = (0..N).map(usage_event).collect();
-    let load = {
-        let (bus, names, events) = (bus.clone(), env.names.clone(), events.clone());
-        tokio::spawn(async move {
-            for chunk in events.chunks(40) {
-                publish_all(
-                    &bus,
-                    chunk.iter().map(|e| outgoing(&names, e, None)).collect(),
-                )
-                .await;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        })
-    };
+    let load = spawn_load(&bus, &env.names, &events, Duration::from_millis(60));
     let ch = ch_client(&ch_url).with_database("tollgate");
     wait_until(Duration::from_secs(20), "the meter storing events", || {
         let ch = ch.clone();

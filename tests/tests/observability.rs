@@ -15,8 +15,7 @@
 mod meter_common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use meter_common::{MeterProcess, meter_bin, meter_toml};
@@ -40,56 +39,14 @@ fn bin(name: &str) -> PathBuf {
     bin
 }
 
-/// A service binary as a child; killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(program: &Path, config: &Path, log: PathBuf, envs: &[(&str, String)]) -> Self {
-        let mut cmd = Command::new(program);
-        cmd.arg("--config").arg(config);
-        for k in [
-            "OTEL_SERVICE_NAME",
-            "OTEL_RESOURCE_ATTRIBUTES",
-            "OTEL_TRACES_SAMPLER",
-        ] {
-            cmd.env_remove(k);
-        }
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The three services on one test namespace, exporting to `receiver`.
 struct World {
     env: TestEnv,
     _dir: tempfile::TempDir,
     receiver: std::sync::Arc<OtlpReceiver>,
     _mock: Service,
-    billing: Proc,
-    gateway: Proc,
+    billing: MeterProcess,
+    gateway: MeterProcess,
     meter: MeterProcess,
     billing_url: String,
     gateway_url: String,
@@ -142,11 +99,12 @@ impl World {
             ),
         )
         .unwrap();
-        let billing = Proc::spawn(
+        let billing = MeterProcess::spawn_program(
             &bin("tollgate-billing"),
             &billing_toml,
             dir.path().join("billing.log"),
             &otel,
+            &[],
         );
         let billing_url = format!("http://127.0.0.1:{billing_port}");
         wait_healthy(&http, &billing_url, "billing", &|| billing.log_text()).await;
@@ -163,11 +121,12 @@ impl World {
             ),
         )
         .unwrap();
-        let gateway = Proc::spawn(
+        let gateway = MeterProcess::spawn_program(
             &bin("tollgate-gateway"),
             &gateway_toml,
             dir.path().join("gateway.log"),
             &otel,
+            &[],
         );
         let gateway_url = format!("http://127.0.0.1:{gateway_port}");
         wait_healthy(&http, &gateway_url, "gateway", &|| gateway.log_text()).await;

@@ -75,13 +75,34 @@ pub async fn bus(env_nats_url: &str, names: &Names) -> JetStreamBus {
 }
 
 /// Publishes and asserts every message was stored (not deduplicated).
-pub async fn publish_all(bus: &JetStreamBus, msgs: Vec<Outgoing>) {
+pub async fn publish_all(bus: &dyn EventBus, msgs: Vec<Outgoing>) {
     for chunk in msgs.chunks(500) {
         for r in bus.publish_many(chunk.to_vec()).await {
             let receipt = r.unwrap();
             assert!(!receipt.duplicate, "publish unexpectedly deduplicated");
         }
     }
+}
+
+/// Load in the background: publishes `events` 40 at a time with `pause`
+/// between chunks, on any bus, while a meter runs (or is killed).
+pub fn spawn_load<B: EventBus + Clone>(
+    bus: &B,
+    names: &Names,
+    events: &[Event],
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let (bus, names, events) = (bus.clone(), names.clone(), events.to_vec());
+    tokio::spawn(async move {
+        for chunk in events.chunks(40) {
+            publish_all(
+                &bus,
+                chunk.iter().map(|e| outgoing(&names, e, None)).collect(),
+            )
+            .await;
+            tokio::time::sleep(pause).await;
+        }
+    })
 }
 
 /// A meter config for a test.
@@ -115,7 +136,8 @@ pub fn meter_bin() -> PathBuf {
     bin
 }
 
-/// A meter child process; killed (SIGKILL) on drop.
+/// A service child process (the meter, or any binary taking `--config`);
+/// killed (SIGKILL) on drop.
 pub struct MeterProcess {
     pub child: Child,
     pub log: PathBuf,
@@ -123,9 +145,28 @@ pub struct MeterProcess {
 
 impl MeterProcess {
     pub fn spawn(config: &Path, log: PathBuf, envs: &[(&str, String)], args: &[&str]) -> Self {
+        Self::spawn_program(&meter_bin(), config, log, envs, args)
+    }
+
+    /// `program --config CONFIG ARGS...` with stderr to `log`; the test's
+    /// own `OTEL_*` naming and sampling settings are not inherited.
+    pub fn spawn_program(
+        program: &Path,
+        config: &Path,
+        log: PathBuf,
+        envs: &[(&str, String)],
+        args: &[&str],
+    ) -> Self {
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(meter_bin());
+        let mut cmd = Command::new(program);
         cmd.arg("--config").arg(config).args(args);
+        for k in [
+            "OTEL_SERVICE_NAME",
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "OTEL_TRACES_SAMPLER",
+        ] {
+            cmd.env_remove(k);
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -436,15 +477,6 @@ pub fn kafka_meter_toml(
         "bus = \"kafka\"\n{base}[kafka]\nbrokers = \"{brokers}\"\npartitions = 3\n\
          session_timeout_ms = 6000\n[kafka.properties]\n{props}"
     )
-}
-
-/// Publishes on any bus and asserts every message was acknowledged.
-pub async fn publish_all_on(bus: &dyn EventBus, msgs: Vec<Outgoing>) {
-    for chunk in msgs.chunks(500) {
-        for r in bus.publish_many(chunk.to_vec()).await {
-            r.unwrap();
-        }
-    }
 }
 
 /// Waits until `log`'s file contains `needle` (bounded).
