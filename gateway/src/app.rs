@@ -67,7 +67,6 @@ pub struct RequestId(pub Arc<str>);
 pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, PriceFeed)> {
     // The recorder first: what is recorded before it exists is lost.
     let prometheus = telemetry::prometheus();
-    crate::tokens::warm_up();
     let names = Names::namespaced(&config.nats.namespace);
     let settings = StreamSettings {
         max_age: Duration::from_secs(config.nats.stream_max_age_days * 86_400),

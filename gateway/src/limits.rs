@@ -77,7 +77,11 @@ impl Limiter {
     ) -> Self {
         Self {
             rpm: rpm.map(|r| (r, Mutex::new(Bucket::new(r.into())))),
-            tpm: tpm.map(|t| (t, Mutex::new(Bucket::new(t)))),
+            tpm: tpm.map(|t| {
+                // TPM admission estimates every request's tokens.
+                crate::tokens::prepare();
+                (t, Mutex::new(Bucket::new(t)))
+            }),
             max_concurrency,
             inflight: AtomicU32::new(0),
             global,
