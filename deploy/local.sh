@@ -292,7 +292,7 @@ EOF
   chmod 600 "$f.tmp"; mv "$f.tmp" "$f"
 }
 
-SERVICES=(meter gateway billing mock kafka clickhouse nats otlp-sink)
+SERVICES=(meter gateway billing mock kafka clickhouse nats otlp-sink floor)
 
 cmd_up() {
   install_runtime
@@ -344,15 +344,38 @@ cmd_test() {
 # is started on port BASE+30 in front of the same mock and measured instead,
 # with the same harness; it is stopped afterwards.
 cmd_bench() {
-  local tools=/var/tmp/tollgate-tools litellm=0 args=()
+  local tools=/var/tmp/tollgate-tools litellm=0 floor= args=()
   for a in "$@"; do
-    case $a in --litellm) litellm=1 ;; *) args+=("$a") ;; esac
+    case $a in
+      --litellm) litellm=1 ;;
+      --floor) floor=mock ;;                 # the no-logic proxy against the mock
+      --floor-vs-gateway) floor=gateway ;;   # the gateway against the no-logic proxy
+      *) args+=("$a") ;;
+    esac
   done
   if [ ! -x "$tools/bin/oha" ]; then
     log "installing oha (load generator) into $tools"
     cargo install oha --locked --root "$tools" -q
   fi
   [ -f "$LOCAL/env" ] || die "run ./deploy/local.sh up first"
+  if [ -n "$floor" ]; then
+    # tollgate-floor-proxy: the gateway's I/O stack without its logic, in
+    # front of the same mock; what any proxy hop costs on this machine.
+    local port=$((BASE + 31)) rc=0 fpid
+    start floor "$BIN/tollgate-floor-proxy" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$MOCK_PORT"
+    wait_http floor "http://127.0.0.1:$port/v1/models"
+    fpid=$(cat "$(pidfile floor)")
+    if [ "$floor" = mock ]; then
+      OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" \
+        --target floor --target-url "http://127.0.0.1:$port" --pid "$fpid" ${args[@]+"${args[@]}"} || rc=$?
+    else
+      OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" \
+        --direct-url "http://127.0.0.1:$port" --direct-pid "$fpid" --direct-model mock-gpt-4o-mini \
+        --direct-key none ${args[@]+"${args[@]}"} || rc=$?
+    fi
+    stop floor
+    return $rc
+  fi
   if [ $litellm -eq 0 ]; then
     OHA=$tools/bin/oha TOLLGATE_ENV_FILE="$LOCAL/env" python3 "$ROOT/tests/bench/latency.py" ${args[@]+"${args[@]}"}
     return

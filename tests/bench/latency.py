@@ -157,10 +157,12 @@ class Paths:
         self.mock_model = "mock-gpt-4o-mini"
         if a.direct_url:
             # A/B: the first path is another gateway (e.g. the build before a
-            # change), so the difference is what the change did.
+            # change), so the difference is what the change did; or the
+            # no-logic floor proxy (`--direct-key none`, the mock's model).
             self.mock = a.direct_url.rstrip("/") + "/v1/chat/completions"
-            self.mock_auth = [f"authorization: Bearer {env['TOLLGATE_DEMO_KEY']}"]
-            self.mock_model = "mock-gpt"
+            self.mock_auth = ([] if a.direct_key == "none"
+                              else [f"authorization: Bearer {a.direct_key or env['TOLLGATE_DEMO_KEY']}"])
+            self.mock_model = a.direct_model
         self.pid = a.pid
         self.direct_pid = a.direct_pid
         self.direct_cpu = [0.0, 0]
@@ -175,6 +177,11 @@ class Paths:
             if self.pid is None:
                 pidfile = pathlib.Path(a.env).parent / "run" / "gateway.pid"
                 self.pid = int(pidfile.read_text()) if pidfile.exists() else None
+        elif a.target == "floor":
+            # tollgate-floor-proxy in front of the mock: no key, the mock's model.
+            self.url = a.target_url.rstrip("/") + "/v1/chat/completions"
+            self.auth = []
+            self.model = "mock-gpt-4o-mini"
         else:
             self.url = a.target_url.rstrip("/") + "/v1/chat/completions"
             self.auth = [f"authorization: Bearer {a.target_key}"]
@@ -351,11 +358,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", default=os.environ.get("TOLLGATE_ENV_FILE", str(ROOT / ".local" / "env")))
     ap.add_argument("--suite", default="latency", help="latency,saturation,scaling,rss or all")
-    ap.add_argument("--target", default="gateway", choices=["gateway", "litellm"])
+    ap.add_argument("--target", default="gateway", choices=["gateway", "litellm", "floor"])
     ap.add_argument("--target-url", help="base URL of the target (without /v1); for --target "
                     "gateway, default from --env")
     ap.add_argument("--direct-url", help="A/B mode: measure this gateway (without /v1) as the "
                     "first path instead of the mock")
+    ap.add_argument("--direct-key", help="A/B mode: the --direct-url's key (default the demo key; "
+                    "'none' sends no Authorization)")
+    ap.add_argument("--direct-model", default="mock-gpt", help="A/B mode: the --direct-url's model")
     ap.add_argument("--target-key", default="sk-bench")
     ap.add_argument("--target-model", default="mock-gpt")
     ap.add_argument("--pid", type=int, help="pid of the target process (CPU and RSS)")
@@ -375,8 +385,8 @@ def main():
     ap.add_argument("--chunk-delay-ms", type=int, default=20)
     ap.add_argument("--oha", default=os.environ.get("OHA", "/var/tmp/tollgate-tools/bin/oha"))
     a = ap.parse_args()
-    if a.target == "litellm" and not a.target_url:
-        ap.error("--target-url is required for --target litellm")
+    if a.target in ("litellm", "floor") and not a.target_url:
+        ap.error(f"--target-url is required for --target {a.target}")
     env = load_env(a.env)
     paths = Paths(a, env)
     suites = list(SUITES) if a.suite == "all" else a.suite.split(",")
