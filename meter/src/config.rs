@@ -25,15 +25,16 @@
 //! database = "tollgate"
 //! user = "default"
 //! password = ""
+//! compression = "lz4"            # or "none": ClickHouse on the same host
 //!
 //! [batch]
-//! max_events = 10000             # flush when a batch has this many events
+//! max_events = 50000             # flush when a batch has this many events
 //! max_wait_ms = 1000             # ... or this long after its first event
 //!
 //! [consumer]
 //! durable = "tollgate-meter"     # meters sharing this name share the work
 //! ack_wait_secs = 60
-//! max_in_flight = 50000
+//! max_in_flight = 150000         # uncommitted events held (about 1 KiB each)
 //!
 //! [metrics]
 //! listen = "127.0.0.1:9464"      # optional: /metrics and /healthz
@@ -101,6 +102,19 @@ pub struct ClickHouseConfig {
     pub user: String,
     #[serde(default)]
     pub password: Secret,
+    /// Compression of inserts: `lz4` (the default: a fifth of the bytes on
+    /// the wire, for CPU on both ends) or `none` (ClickHouse on the same host
+    /// or a fast link, where CPU is the scarcer resource).
+    #[serde(default)]
+    pub compression: InsertCompression,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsertCompression {
+    #[default]
+    Lz4,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -163,8 +177,11 @@ fn default_database() -> String {
 fn default_clickhouse_user() -> String {
     "default".into()
 }
+/// Big enough that ClickHouse sees about one insert a second at 50,000
+/// events/s (fewer parts to merge: half its CPU per event against 10,000);
+/// below that rate `max_wait_ms` flushes first.
 fn default_max_events() -> usize {
-    10_000
+    50_000
 }
 fn default_max_wait_ms() -> u64 {
     1_000
@@ -175,8 +192,9 @@ fn default_durable() -> String {
 fn default_ack_wait_secs() -> u64 {
     60
 }
+/// Three batches: one filling while two are inserted.
 fn default_max_in_flight() -> usize {
-    50_000
+    150_000
 }
 
 impl Default for NatsConfig {
@@ -195,6 +213,7 @@ impl Default for ClickHouseConfig {
             database: default_database(),
             user: default_clickhouse_user(),
             password: Secret::default(),
+            compression: InsertCompression::default(),
         }
     }
 }
@@ -335,7 +354,7 @@ mod tests {
     fn defaults_fill_an_empty_file() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.clickhouse.database, "tollgate");
-        assert_eq!(c.batch.max_events, 10_000);
+        assert_eq!(c.batch.max_events, 50_000);
         assert_eq!(c.batch.max_wait_ms, 1_000);
         assert_eq!(c.consumer.durable, "tollgate-meter");
         assert_eq!(c.nats.namespace, "");

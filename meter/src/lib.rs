@@ -154,7 +154,11 @@ pub fn clickhouse_client(config: &Config) -> Client {
     let mut ch = Client::default()
         .with_url(&config.clickhouse.url)
         .with_user(&config.clickhouse.user)
-        .with_validation(false);
+        .with_validation(false)
+        .with_compression(match config.clickhouse.compression {
+            config::InsertCompression::Lz4 => clickhouse::Compression::Lz4,
+            config::InsertCompression::None => clickhouse::Compression::None,
+        });
     if !config.clickhouse.password.expose().is_empty() {
         ch = ch.with_password(config.clickhouse.password.expose());
     }

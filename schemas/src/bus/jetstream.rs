@@ -327,9 +327,13 @@ impl JetStreamConsumer {
             .headers
             .as_ref()
             .map(|h| {
-                h.iter()
-                    .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
-                    .collect()
+                let mut out = Vec::with_capacity(h.len());
+                for (k, vs) in h.iter() {
+                    for v in vs {
+                        out.push((k.to_string(), v.as_str().to_owned()));
+                    }
+                }
+                out
             })
             .unwrap_or_default();
         Ok(Delivery {
@@ -346,7 +350,7 @@ impl JetStreamConsumer {
 #[async_trait]
 impl EventConsumer for JetStreamConsumer {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(max.min(4096));
         let deadline = tokio::time::Instant::now() + wait;
         while out.len() < max {
             let next = match tokio::time::timeout_at(deadline, self.messages.next()).await {
