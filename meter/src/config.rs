@@ -102,9 +102,10 @@ pub struct ClickHouseConfig {
     pub user: String,
     #[serde(default)]
     pub password: Secret,
-    /// Compression of inserts: `lz4` (the default: a fifth of the bytes on
-    /// the wire, for CPU on both ends) or `none` (ClickHouse on the same host
-    /// or a fast link, where CPU is the scarcer resource).
+    /// Compression of inserts: `lz4` (the default: fewer bytes on the wire,
+    /// for CPU on both ends) or `none` (ClickHouse on the same host or a fast
+    /// link, where CPU is the scarcer resource; on one 2-core machine the
+    /// bench measured no difference).
     #[serde(default)]
     pub compression: InsertCompression,
 }
