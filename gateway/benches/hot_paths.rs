@@ -21,9 +21,11 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value, json};
 use tollgate_gateway::auth::KeyStore;
 use tollgate_gateway::pipeline::{body_with_model, model_of, parse_object};
+use tollgate_gateway::publisher::{Publisher, PublisherConfig};
 use tollgate_gateway::quota::Quotas;
 use tollgate_gateway::sse::{OpenAiUsage, SseEvent, SseFramer, relay_all};
 use tollgate_gateway::translate::{self, StreamTranslator};
+use tollgate_schemas::bus::{BusError, Outgoing, PublishReceipt};
 use tollgate_schemas::events::{ApiFormat, Event, EventMeta, TokenCounts, UsageEvent};
 use tollgate_schemas::records::{
     KeyRecord, ModelPrice, PriceBook, QuotaLevel, QuotaScope, QuotaState, quota_key,
@@ -388,8 +390,125 @@ fn bench_event(c: &mut Criterion) {
     });
 }
 
+/// A bus that acknowledges everything at once: what the publisher's own
+/// cost looks like with the bus out of the picture.
+struct AckAll(tollgate_schemas::Names);
+
+#[async_trait::async_trait]
+impl tollgate_schemas::bus::EventBus for AckAll {
+    async fn publish(&self, _: Outgoing) -> Result<PublishReceipt, BusError> {
+        Ok(PublishReceipt {
+            position: 1,
+            duplicate: false,
+        })
+    }
+    async fn publish_many(&self, msgs: Vec<Outgoing>) -> Vec<Result<PublishReceipt, BusError>> {
+        msgs.iter()
+            .map(|_| {
+                Ok(PublishReceipt {
+                    position: 1,
+                    duplicate: false,
+                })
+            })
+            .collect()
+    }
+    async fn consumer(
+        &self,
+        _: tollgate_schemas::bus::ConsumerSpec,
+    ) -> Result<Box<dyn tollgate_schemas::bus::EventConsumer>, BusError> {
+        Err(BusError::new(
+            tollgate_schemas::bus::BusErrorKind::Config,
+            "not in a bench",
+        ))
+    }
+    async fn ready(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+    async fn head(&self) -> Result<u64, BusError> {
+        Ok(0)
+    }
+    async fn heads(&self) -> Result<Vec<u64>, BusError> {
+        Ok(vec![0])
+    }
+    async fn pending(&self, _: &str) -> Result<u64, BusError> {
+        Ok(0)
+    }
+    fn names(&self) -> &tollgate_schemas::Names {
+        &self.0
+    }
+}
+
+/// The cost of handing one usage event to the publisher, which now appends
+/// it to the spool (one `write(2)`) before the response may end, against the
+/// in-memory channel hand-off it replaced: the per-request price of "a kill
+/// -9 loses nothing".
+fn bench_publish(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let names = tollgate_schemas::Names::namespaced("bench");
+    let bus: std::sync::Arc<dyn tollgate_schemas::bus::EventBus> =
+        std::sync::Arc::new(AckAll(names.clone()));
+    let (publisher, handle) = rt
+        .block_on(Publisher::start(bus, PublisherConfig::new(dir.path())))
+        .unwrap();
+    let event = Event::Usage(UsageEvent {
+        meta: EventMeta::new("acme", "key_0123456789", "req_0190c0ffee0123456789abcdef"),
+        api: ApiFormat::OpenaiChat,
+        requested_model: "mock-gpt".into(),
+        model: "mock-gpt-4o-mini".into(),
+        provider: "openai".into(),
+        deployment: "mock-openai".into(),
+        cost: Decimal::new(123, 6),
+        tokens: tokens(),
+        estimated: false,
+        status: 200,
+        streamed: true,
+        latency_ms: 3,
+        ttft_ms: Some(1),
+        retries: 0,
+        price_version: 1,
+    });
+    let msg = Outgoing {
+        subject: names.event_subject(event.kind(), "acme"),
+        id: event.meta().id.to_string(),
+        payload: bytes::Bytes::from(event.to_json()),
+        headers: vec![(
+            "traceparent".to_owned(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+        )],
+    };
+    let mut g = c.benchmark_group("publish");
+    g.bench_function("spool_write_ahead", |b| {
+        b.iter(|| publisher.publish(black_box(msg.clone())))
+    });
+    // The old path: a bounded channel drained by a task.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(65_536);
+    rt.spawn(async move {
+        let mut buf = Vec::new();
+        while rx.recv_many(&mut buf, 256).await > 0 {
+            buf.clear();
+        }
+    });
+    g.bench_function("channel_only_before", |b| {
+        b.iter(|| {
+            let mut m = black_box(msg.clone());
+            while let Err(tokio::sync::mpsc::error::TrySendError::Full(back)) = tx.try_send(m) {
+                m = back;
+                std::thread::yield_now();
+            }
+        })
+    });
+    g.finish();
+    rt.block_on(handle.shutdown(std::time::Duration::from_secs(5)));
+}
+
 criterion_group!(
     benches,
+    bench_publish,
     bench_request,
     bench_sse,
     bench_plain_usage,

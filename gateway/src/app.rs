@@ -29,6 +29,7 @@ use crate::prices::PriceFeed;
 use crate::publisher::{AckHook, Publisher, PublisherConfig, PublisherHandle};
 use crate::quota::Quotas;
 use crate::routing::Router as ModelRouter;
+use crate::state_cache::{self, StateCache};
 use crate::{anthropic, openai, telemetry};
 
 pub struct AppState {
@@ -61,10 +62,25 @@ impl AppState {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
 
-/// Connects to NATS, opens the key store, loads the quota states and the
-/// price book, starts the publisher (telling the quotas what the bus
-/// acknowledged). The price feed is returned to be run.
-pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, PriceFeed)> {
+/// How long start-up waits for NATS before it serves from its spool and its
+/// on-disk state cache instead (each bucket and the streams, concurrently).
+const NATS_AT_START: Duration = Duration::from_secs(2);
+
+/// What [`build`] hands to [`run`] besides the state: the tasks to run.
+pub struct Started {
+    pub app: App,
+    pub publisher: PublisherHandle,
+    pub prices: PriceFeed,
+    /// The events streams could not be checked at start (NATS down): to be
+    /// ensured once NATS answers.
+    pub streams_pending: Option<(JetStreamBus, StreamSettings)>,
+}
+
+/// Connects to NATS (in the background if it is down), opens the key store,
+/// loads the quota states and the price book (from the on-disk state cache
+/// when NATS does not answer within [`NATS_AT_START`]), starts the publisher
+/// (telling the quotas what the bus acknowledged).
+pub async fn build(config: Config) -> anyhow::Result<Started> {
     // The recorder first: what is recorded before it exists is lost.
     let prometheus = telemetry::prometheus();
     let names = Names::namespaced(&config.nats.namespace);
@@ -73,10 +89,36 @@ pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, Pric
         duplicate_window: Duration::from_secs(config.nats.duplicate_window_secs),
         ..Default::default()
     };
-    let jsbus = JetStreamBus::connect(&config.nats.url, names.clone(), settings).await?;
-    let keys = KeyStore::open(jsbus.jetstream(), &names.kv_keys).await?;
-    let quotas = Quotas::open(jsbus.jetstream(), &names.kv_quota).await?;
-    let prices = PriceFeed::open(jsbus.jetstream(), &names.kv_prices, config.prices.book()).await?;
+    let jsbus = JetStreamBus::connect_lazy(&config.nats.url, names.clone()).await?;
+    let cache = StateCache::new(&config.data_dir);
+    let js = jsbus.jetstream();
+    let (streams, keys, quotas, prices) = tokio::join!(
+        tokio::time::timeout(NATS_AT_START, jsbus.ensure_streams(settings.clone())),
+        KeyStore::open(js, &names.kv_keys, NATS_AT_START),
+        Quotas::open(js, &names.kv_quota, NATS_AT_START, cache.quota()),
+        PriceFeed::open(
+            js,
+            &names.kv_prices,
+            config.prices.book(),
+            NATS_AT_START,
+            cache.prices()
+        ),
+    );
+    let streams_pending = match streams {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) if !e.is_retryable() => return Err(e.into()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "NATS unreachable at start; spooling events until it answers");
+            Some((jsbus.clone(), settings))
+        }
+        Err(_) => {
+            tracing::warn!("NATS did not answer at start; spooling events until it does");
+            Some((jsbus.clone(), settings))
+        }
+    };
+    for record in cache.keys() {
+        keys.restore(record).await;
+    }
     let book = prices.in_force(chrono::Utc::now());
     metrics::gauge!("tollgate_gateway_price_book_version").set(book.version as f64);
     // Events go to the configured bus; KV above stays on JetStream.
@@ -95,6 +137,7 @@ pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, Pric
         PublisherConfig {
             spool_dir: config.data_dir.join("spool"),
             spool_max_bytes: config.spool.max_bytes,
+            sync_interval: Duration::from_millis(config.spool.fsync_interval_ms),
             ..PublisherConfig::default()
         },
         Some(on_ack),
@@ -115,7 +158,40 @@ pub async fn build(config: Config) -> anyhow::Result<(App, PublisherHandle, Pric
         metrics: prometheus,
         config,
     };
-    Ok((Arc::new(state), handle, prices))
+    Ok(Started {
+        app: Arc::new(state),
+        publisher: handle,
+        prices,
+        streams_pending,
+    })
+}
+
+/// Creates (or checks) the events streams once NATS answers, so a gateway
+/// that started without NATS publishes into streams that exist.
+async fn ensure_streams_when_up(
+    bus: JetStreamBus,
+    settings: StreamSettings,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match bus.ensure_streams(settings.clone()).await {
+            Ok(()) => {
+                tracing::info!("NATS answered: events streams ready");
+                return;
+            }
+            Err(e) if !e.is_retryable() => {
+                tracing::error!(error = %e, "the events streams cannot be created; events stay in the spool");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "NATS still unreachable"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 pub fn routes(app: App) -> Router {
@@ -143,13 +219,33 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (app, publisher_handle, prices) = build(config).await?;
+    let Started {
+        app,
+        publisher: publisher_handle,
+        prices,
+        streams_pending,
+    } = build(config).await?;
     let cancel = CancellationToken::new();
-    let watches = [
+    let cache = StateCache::new(&app.config.data_dir);
+    let mut watches = vec![
         tokio::spawn(app.keys.clone().watch(cancel.clone())),
         tokio::spawn(app.quotas.clone().watch(cancel.clone())),
+        tokio::spawn(state_cache::run(
+            cache,
+            app.keys.clone(),
+            app.quotas.clone(),
+            prices.versions(),
+            cancel.clone(),
+        )),
         tokio::spawn(prices.run(app.clone(), cancel.clone())),
     ];
+    if let Some((bus, settings)) = streams_pending {
+        watches.push(tokio::spawn(ensure_streams_when_up(
+            bus,
+            settings,
+            cancel.clone(),
+        )));
+    }
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     // No Nagle: a stream's small SSE writes must leave at once, not wait for
     // the client's delayed ACK (measured: streamed throughput ×3.5).
@@ -183,16 +279,30 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// 503 only when the gateway cannot accept work: the spool is full (or the
+/// disk refuses it), or no key could authenticate (the keys bucket is not
+/// open and nothing is cached). Everything else it knows is in the body: the
+/// bus down and events spooling, events parked as rejected, the buckets.
 async fn readyz(State(app): State<App>) -> Response {
-    let bus = app.bus.ready().await;
+    let bus = tokio::time::timeout(Duration::from_secs(1), app.bus.ready())
+        .await
+        .map_or(false, |r| r.is_ok());
+    let publisher = &app.publisher;
+    let keys_open = app.keys.bucket_open();
+    let cached_keys = app.keys.cached_count();
     let body = serde_json::json!({
-        "bus": if bus.is_ok() { "ok" } else { "unreachable" },
-        "spool_events": app.publisher.spool_depth(),
-        "spool_bytes": app.publisher.spool_bytes(),
-        "spool_full": app.publisher.spool_full(),
+        "bus": if bus { "ok" } else { "unreachable" },
+        "spooling": !bus,
+        "spool_events": publisher.spool_depth(),
+        "spool_bytes": publisher.spool_bytes(),
+        "spool_full": publisher.spool_full(),
+        "rejected_events": publisher.rejected_events(),
+        "keys": if keys_open { "ok" } else { "unreachable" },
+        "cached_keys": cached_keys,
         "models": app.router.names.len(),
     });
-    let status = if bus.is_ok() && !app.publisher.spool_full() {
+    let serving = !publisher.spool_full() && (keys_open || app.keys.has_cached());
+    let status = if serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -20,22 +20,33 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::records::{KeyRecord, secret_hash};
 
 use crate::error::GatewayError;
+use crate::kv_follow::Bucket;
 
 #[derive(Clone)]
 pub struct KeyStore {
     /// `None` for a store without a bucket ([`KeyStore::detached`]).
-    kv: Option<kv::Store>,
+    kv: Option<Arc<Bucket>>,
     cache: moka::future::Cache<String, Arc<KeyRecord>>,
 }
 
 impl KeyStore {
-    /// Opens (creating if needed) the keys bucket.
-    pub async fn open(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::Result<Self> {
-        let kv = tollgate_schemas::kv::ensure(js, bucket, 1).await?;
-        Ok(Self {
+    /// The keys bucket, opened now if NATS answers within `timeout`, else by
+    /// [`KeyStore::watch`] once it does. Until then only cached keys (from
+    /// [`KeyStore::remember`], e.g. the on-disk cache) authenticate; others
+    /// get 503.
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+        timeout: Duration,
+    ) -> Self {
+        let kv = Arc::new(Bucket::new(js, bucket));
+        if let Err(e) = kv.try_open(timeout).await {
+            tracing::warn!(error = %e, "keys bucket unreachable at start; serving cached keys until it answers");
+        }
+        Self {
             kv: Some(kv),
             cache: Self::cache(),
-        })
+        }
     }
 
     /// A store with no bucket behind it: it knows the keys given to
@@ -54,6 +65,38 @@ impl KeyStore {
             .build()
     }
 
+    /// The keys bucket is open (NATS answered at least once).
+    pub fn bucket_open(&self) -> bool {
+        self.kv.as_ref().is_some_and(|b| b.get().is_some())
+    }
+
+    /// Key records cached (moka's estimate: it lags inserts a little).
+    pub fn cached_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// At least one key record is cached.
+    pub fn has_cached(&self) -> bool {
+        self.cache.iter().next().is_some()
+    }
+
+    /// Every cached key record, by secret hash (for the on-disk cache).
+    pub fn cached(&self) -> Vec<(String, KeyRecord)> {
+        self.cache
+            .iter()
+            .map(|(hash, rec)| ((*hash).clone(), (*rec).clone()))
+            .collect()
+    }
+
+    /// Caches a record read back from the on-disk cache (no secret: the
+    /// record carries its hash). The bucket's watch replaces the whole cache
+    /// once it subscribes.
+    pub async fn restore(&self, record: KeyRecord) {
+        self.cache
+            .insert(record.secret_sha256.clone(), Arc::new(record))
+            .await;
+    }
+
     /// Caches `record` as the key of `secret`, as a watch update would.
     pub async fn remember(&self, secret: &str, mut record: KeyRecord) {
         let hash = secret_hash(secret);
@@ -63,7 +106,10 @@ impl KeyStore {
 
     /// Follows the bucket until `shutdown`, re-subscribing after errors.
     pub async fn watch(self, shutdown: CancellationToken) {
-        let Some(kv) = &self.kv else {
+        let Some(bucket) = &self.kv else {
+            return;
+        };
+        let Some(kv) = bucket.open(&shutdown).await else {
             return;
         };
         let mut backoff = Duration::from_millis(100);
@@ -120,8 +166,11 @@ impl KeyStore {
         let record = match self.cache.get(&hash).await {
             Some(r) => r,
             None => {
-                let Some(kv) = &self.kv else {
+                let Some(bucket) = &self.kv else {
                     return Err(GatewayError::InvalidKey("invalid API key"));
+                };
+                let Some(kv) = bucket.get() else {
+                    return Err(GatewayError::Unavailable("the key store is unreachable"));
                 };
                 let entry = kv
                     .get(&hash)
@@ -148,8 +197,8 @@ impl KeyStore {
     pub async fn put(&self, secret: &str, mut record: KeyRecord) -> anyhow::Result<()> {
         let hash = secret_hash(secret);
         record.secret_sha256 = hash.clone();
-        let Some(kv) = &self.kv else {
-            anyhow::bail!("this key store has no bucket");
+        let Some(kv) = self.kv.as_ref().and_then(|b| b.get()) else {
+            anyhow::bail!("this key store has no bucket (or it is unreachable)");
         };
         kv.put(&hash, serde_json::to_vec(&record)?.into()).await?;
         self.cache.invalidate(&hash).await;

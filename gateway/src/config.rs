@@ -134,12 +134,19 @@ impl Default for BreakerConfig {
 pub struct SpoolConfig {
     #[serde(default = "default_spool_max_bytes")]
     pub max_bytes: u64,
+    /// Group commit: the spool (every event passes through it before its
+    /// response ends) is fsynced this often. The only loss window left: a
+    /// power loss or kernel crash can take the last interval's events; a
+    /// process kill takes none.
+    #[serde(default = "default_spool_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
             max_bytes: default_spool_max_bytes(),
+            fsync_interval_ms: default_spool_fsync_interval_ms(),
         }
     }
 }
@@ -249,6 +256,10 @@ fn default_breaker_failures() -> u32 {
 fn default_breaker_open_ms() -> u64 {
     10_000
 }
+fn default_spool_fsync_interval_ms() -> u64 {
+    crate::publisher::DEFAULT_SYNC_INTERVAL.as_millis() as u64
+}
+
 fn default_spool_max_bytes() -> u64 {
     1 << 30
 }

@@ -17,6 +17,62 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// A KV bucket that may not be reachable yet: the gateway starts (and serves
+/// from what it cached on disk) while NATS is down, and opens its buckets
+/// when NATS answers.
+pub struct Bucket {
+    js: async_nats::jetstream::Context,
+    name: String,
+    store: tokio::sync::OnceCell<kv::Store>,
+}
+
+impl Bucket {
+    pub fn new(js: &async_nats::jetstream::Context, name: &str) -> Self {
+        Self {
+            js: js.clone(),
+            name: name.to_owned(),
+            store: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The store, if it has been opened.
+    pub fn get(&self) -> Option<&kv::Store> {
+        self.store.get()
+    }
+
+    /// One attempt to open (creating if needed) the bucket, bounded by `timeout`.
+    pub async fn try_open(&self, timeout: Duration) -> anyhow::Result<&kv::Store> {
+        if let Some(store) = self.store.get() {
+            return Ok(store);
+        }
+        let store = tokio::time::timeout(
+            timeout,
+            tollgate_schemas::kv::ensure(&self.js, &self.name, 1),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("opening KV bucket {} timed out", self.name))??;
+        Ok(self.store.get_or_init(|| async { store }).await)
+    }
+
+    /// Opens the bucket, retrying with backoff; `None` if `shutdown` came first.
+    pub async fn open(&self, shutdown: &CancellationToken) -> Option<&kv::Store> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_open(Duration::from_secs(5)).await {
+                Ok(_) => return self.store.get(),
+                Err(e) => {
+                    tracing::debug!(bucket = %self.name, error = %e, "KV bucket not reachable yet")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
 /// A watch that starts with every key's latest value.
 pub async fn subscribe(store: &kv::Store) -> anyhow::Result<kv::Watch> {
     Ok(store.watch_with_history(">").await?)

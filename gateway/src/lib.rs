@@ -21,6 +21,7 @@ pub mod quota;
 pub mod responses_relay;
 pub mod routing;
 pub mod sse;
+pub mod state_cache;
 pub mod telemetry;
 pub mod tokens;
 pub mod trace;

@@ -34,6 +34,11 @@ struct Cli {
 enum Command {
     /// Serve (the default).
     Run,
+    /// The event spool in `<data_dir>/spool`.
+    Spool {
+        #[command(subcommand)]
+        action: SpoolAction,
+    },
     /// Write an API key to the keys bucket (until billing manages keys).
     PutKey {
         #[arg(long)]
@@ -62,6 +67,15 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum SpoolAction {
+    /// Send the events the bus refused (`rejected/rejected.jsonl`) again,
+    /// once their cause is fixed. Safe while the gateway runs: the file is
+    /// renamed aside and the gateway's publisher appends its events to the
+    /// spool within a few seconds (or at its next start).
+    ReplayRejected,
+}
+
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -87,6 +101,9 @@ async fn main() -> ExitCode {
     }
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => serve(config).await,
+        Command::Spool {
+            action: SpoolAction::ReplayRejected,
+        } => replay_rejected(&config),
         Command::PutKey {
             secret,
             tenant,
@@ -141,10 +158,23 @@ async fn put_key(config: &Config, secret: &str, record: KeyRecord) -> anyhow::Re
     let names = tollgate_schemas::Names::namespaced(&config.nats.namespace);
     let client = async_nats::connect(&config.nats.url).await?;
     let js = async_nats::jetstream::new(client);
-    KeyStore::open(&js, &names.kv_keys)
-        .await?
+    KeyStore::open(&js, &names.kv_keys, std::time::Duration::from_secs(5))
+        .await
         .put(secret, record)
         .await
+}
+
+fn replay_rejected(config: &Config) -> anyhow::Result<()> {
+    let dir = config.data_dir.join("spool");
+    match tollgate_gateway::publisher::queue_rejected_for_replay(&dir)? {
+        None => eprintln!("no rejected events in {}", dir.display()),
+        Some((file, events)) => eprintln!(
+            "{events} rejected events queued for replay ({}); the gateway sends them within {} s, or at its next start",
+            file.display(),
+            tollgate_gateway::publisher::REPLAY_SCAN.as_secs()
+        ),
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

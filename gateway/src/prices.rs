@@ -27,41 +27,75 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::records::PriceBook;
 
 use crate::app::AppState;
-use crate::kv_follow;
+use crate::kv_follow::{self, Bucket};
 
 /// How often the book in force is re-evaluated against the clock.
 pub const TICK: Duration = Duration::from_millis(250);
 
 /// Every price-book version seen in the bucket, and the watch that follows it.
 pub struct PriceFeed {
-    kv: kv::Store,
+    kv: Bucket,
     /// The watch opened by the initial load, for [`PriceFeed::run`] to continue.
     watch: Mutex<Option<kv::Watch>>,
-    versions: Mutex<BTreeMap<u64, Arc<PriceBook>>>,
+    versions: Arc<Mutex<BTreeMap<u64, Arc<PriceBook>>>>,
     fallback: Arc<PriceBook>,
 }
 
 impl PriceFeed {
     /// Opens (creating if needed) the prices bucket and loads every version
-    /// in it; `fallback` (the config's book) is in force until one is.
+    /// in it, if NATS answers within `timeout`; else the versions `cached`
+    /// (the on-disk cache) serve until [`PriceFeed::run`] loads the bucket.
+    /// `fallback` (the config's book) is in force until a version is.
     pub async fn open(
         js: &async_nats::jetstream::Context,
         bucket: &str,
         fallback: PriceBook,
-    ) -> anyhow::Result<Self> {
-        let kv = tollgate_schemas::kv::ensure(js, bucket, 1).await?;
-        let mut watch = kv_follow::subscribe(&kv).await?;
-        let loaded = kv_follow::load(&kv, &mut watch, "prices", Duration::from_secs(10)).await?;
+        timeout: Duration,
+        cached: Vec<PriceBook>,
+    ) -> Self {
+        let kv = Bucket::new(js, bucket);
+        let loaded = async {
+            let store = kv.try_open(timeout).await?;
+            let mut watch = kv_follow::subscribe(store).await?;
+            let loaded =
+                kv_follow::load(store, &mut watch, "prices", Duration::from_secs(10)).await?;
+            anyhow::Ok((watch, loaded))
+        }
+        .await;
+        let (watch, loaded) = match loaded {
+            Ok((watch, loaded)) => (Some(watch), loaded),
+            Err(e) => {
+                tracing::warn!(error = %e, cached = cached.len(), "prices bucket unreachable at start; pricing with the cached books until it answers");
+                (None, Vec::new())
+            }
+        };
+        let versions = cached
+            .into_iter()
+            .map(|book| (book.version, Arc::new(book)))
+            .collect();
         let feed = Self {
             kv,
-            watch: Mutex::new(Some(watch)),
-            versions: Mutex::new(BTreeMap::new()),
+            watch: Mutex::new(watch),
+            versions: Arc::new(Mutex::new(versions)),
             fallback: Arc::new(fallback),
         };
         for entry in loaded {
             feed.apply(&entry);
         }
-        Ok(feed)
+        feed
+    }
+
+    /// Reads every version known, now and after [`PriceFeed::run`] took the
+    /// feed (for the on-disk cache).
+    pub fn versions(&self) -> impl Fn() -> Vec<PriceBook> + Send + 'static {
+        let versions = Arc::clone(&self.versions);
+        move || {
+            versions
+                .lock()
+                .values()
+                .map(|b| PriceBook::clone(b))
+                .collect()
+        }
     }
 
     /// The book in force at `now`.
@@ -75,7 +109,10 @@ impl PriceFeed {
         install(&app, self.in_force(Utc::now()));
         let watch = self.watch.lock().take();
         let follow = async {
-            kv_follow::follow(&self.kv, "prices", watch, &shutdown, |entry| {
+            let Some(store) = self.kv.open(&shutdown).await else {
+                return;
+            };
+            kv_follow::follow(store, "prices", watch, &shutdown, |entry| {
                 self.apply(&entry);
                 install(&app, self.in_force(Utc::now()));
             })

@@ -77,7 +77,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::records::{KeyRecord, QuotaScope, QuotaState, quota_key};
 
 use crate::error::GatewayError;
-use crate::kv_follow;
+use crate::kv_follow::{self, Bucket};
 
 /// Acknowledged entries kept per quota key before the oldest are merged.
 pub const MAX_ACKED_ENTRIES: usize = 4096;
@@ -90,7 +90,7 @@ pub struct Quotas {
 
 struct Inner {
     /// `None` for a table without a bucket ([`Quotas::detached`]).
-    kv: Option<kv::Store>,
+    kv: Option<Bucket>,
     /// By KV key (`tenant.<id>`, `key.<id>`). No capacity bound and no TTL:
     /// a snapshot is never re-read on a miss, so an eviction would lift a
     /// refusal. Its size is the number of snapshots billing writes.
@@ -179,19 +179,43 @@ impl Tracked {
 }
 
 impl Quotas {
-    /// Opens (creating if needed) the quota bucket and loads every snapshot.
-    pub async fn open(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::Result<Self> {
-        let kv = tollgate_schemas::kv::ensure(js, bucket, 1).await?;
-        let mut watch = kv_follow::subscribe(&kv).await?;
-        let loaded = kv_follow::load(&kv, &mut watch, "quota", Duration::from_secs(10)).await?;
+    /// Opens (creating if needed) the quota bucket and loads every snapshot,
+    /// if NATS answers within `timeout`. Otherwise the table starts with the
+    /// snapshots `cached` (the on-disk cache) and [`Quotas::watch`] loads the
+    /// bucket once NATS answers.
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+        timeout: Duration,
+        cached: Vec<(String, QuotaState)>,
+    ) -> Self {
+        let kv = Bucket::new(js, bucket);
+        let loaded = async {
+            let store = kv.try_open(timeout).await?;
+            let mut watch = kv_follow::subscribe(store).await?;
+            let loaded =
+                kv_follow::load(store, &mut watch, "quota", Duration::from_secs(10)).await?;
+            anyhow::Ok((watch, loaded))
+        }
+        .await;
+        let (initial, loaded) = match loaded {
+            Ok((watch, loaded)) => (Some(watch), loaded),
+            Err(e) => {
+                tracing::warn!(error = %e, cached = cached.len(), "quota bucket unreachable at start; enforcing the cached snapshots until it answers");
+                (None, Vec::new())
+            }
+        };
         let quotas = Self {
             inner: Arc::new(Inner {
                 kv: Some(kv),
                 tracked: moka::sync::Cache::builder().build(),
                 pending: Mutex::new(HashMap::new()),
-                initial: Mutex::new(Some(watch)),
+                initial: Mutex::new(initial),
             }),
         };
+        for (key, state) in cached {
+            quotas.apply(&key, state);
+        }
         for entry in loaded {
             quotas.on_entry(entry);
         }
@@ -200,7 +224,7 @@ impl Quotas {
             snapshots = quotas.inner.tracked.entry_count(),
             "quota states loaded"
         );
-        Ok(quotas)
+        quotas
     }
 
     /// Quotas with no bucket behind them: snapshots come only from
@@ -218,7 +242,10 @@ impl Quotas {
 
     /// Follows the bucket until `shutdown`.
     pub async fn watch(self, shutdown: CancellationToken) {
-        let Some(kv) = &self.inner.kv else {
+        let Some(bucket) = &self.inner.kv else {
+            return;
+        };
+        let Some(kv) = bucket.open(&shutdown).await else {
             return;
         };
         let initial = self.inner.initial.lock().take();
@@ -243,6 +270,15 @@ impl Quotas {
                 self.update_gauge();
             }
         }
+    }
+
+    /// Every snapshot held, by KV key (for the on-disk cache).
+    pub fn snapshots(&self) -> Vec<(String, QuotaState)> {
+        self.inner
+            .tracked
+            .iter()
+            .map(|(key, t)| ((*key).clone(), t.lock().state.clone()))
+            .collect()
     }
 
     /// Takes snapshot `state` for KV key `key` unless the one held is as new

@@ -187,9 +187,8 @@ pub async fn start_gateway(config: Config) -> Service {
 pub async fn put_key(nats_url: &str, env: &TestEnv, secret: &str, record: KeyRecord) {
     let client = async_nats::connect(nats_url).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    KeyStore::open(&js, &env.names.kv_keys)
+    KeyStore::open(&js, &env.names.kv_keys, Duration::from_secs(5))
         .await
-        .unwrap()
         .put(secret, record)
         .await
         .unwrap();

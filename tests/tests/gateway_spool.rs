@@ -221,10 +221,12 @@ async fn events_published_while_nats_is_down_arrive_once_in_order_after_it_retur
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    // Every event is in the spool as soon as `publish` returns; wait for the
+    // worker to have seen the outage too.
     eventually(
-        "all 2000 are in the spool",
+        "all 2000 are in the spool and the worker saw the bus go",
         Duration::from_secs(15),
-        || async { publisher.spool_depth() == 2000 },
+        || async { publisher.spool_depth() == 2000 && !publisher.bus_healthy() },
     )
     .await;
     assert!(!publisher.bus_healthy());
@@ -459,4 +461,80 @@ async fn an_event_the_bus_refuses_is_parked_not_dropped() {
 
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A rejected event is visible (count at start, in `rejected_events`) and
+/// comes back through `queue_rejected_for_replay` (what
+/// `tollgate-gateway spool replay-rejected` runs) while the publisher runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_event_is_counted_and_replayed_on_request() {
+    let f = Fixture::new().await;
+    // What an earlier run parked: a valid event with the error it got.
+    let parked = f.event(0);
+    let dir = f.spool.path().join(REJECTED_DIR);
+    std::fs::create_dir_all(&dir).unwrap();
+    let line = serde_json::json!({
+        "subject": parked.subject,
+        "id": parked.id,
+        "headers": parked.headers,
+        "payload": serde_json::from_slice::<serde_json::Value>(&parked.payload).unwrap(),
+        "error": "Rejected: maximum payload exceeded",
+    });
+    std::fs::write(dir.join("rejected.jsonl"), format!("{line}\n")).unwrap();
+
+    let (publisher, handle) = f.start(f.config()).await;
+    assert_eq!(publisher.rejected_events(), 1, "counted at start");
+    assert!(
+        !f.head_is(1).await,
+        "a rejected event is never replayed by itself"
+    );
+    let (file, events) = tollgate_gateway::publisher::queue_rejected_for_replay(f.spool.path())
+        .unwrap()
+        .expect("there was a rejected file");
+    assert_eq!(events, 1);
+    assert!(file.exists());
+    eventually(
+        "the queued event reaches the stream",
+        Duration::from_secs(15),
+        || f.head_is(1),
+    )
+    .await;
+    eventually("the count follows", Duration::from_secs(10), || async {
+        publisher.rejected_events() == 0
+    })
+    .await;
+    assert!(
+        !file.exists(),
+        "the replay file is gone once its events are back in the spool"
+    );
+    let events = f.stream_events(1).await;
+    assert_eq!(events[0].0, parked.id);
+    assert!(
+        tollgate_gateway::publisher::queue_rejected_for_replay(f.spool.path())
+            .unwrap()
+            .is_none(),
+        "nothing left to replay"
+    );
+    handle.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Every event is on disk when `publish` returns: a publisher dropped like a
+/// crash, with the bus healthy, loses nothing it was handed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_is_in_the_spool_when_publish_returns() {
+    let f = Fixture::new().await;
+    let (publisher, handle) = f.start(f.config()).await;
+    for seq in 0..2000 {
+        publisher.publish(f.event(seq));
+    }
+    // A crash right now: no drain, no flush.
+    drop(handle);
+    drop(publisher);
+    let (publisher, handle) = f.start(f.config()).await;
+    eventually("everything arrives", Duration::from_secs(20), || async {
+        publisher.spool_depth() == 0 && f.head_is(2000).await
+    })
+    .await;
+    f.assert_exactly_once_in_order(2000).await;
+    handle.shutdown(Duration::from_secs(5)).await;
 }

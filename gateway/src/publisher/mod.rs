@@ -1,52 +1,54 @@
 //! The gateway's event publisher: a usage event the gateway has produced
-//! reaches the bus even if NATS is down for a while (ARCHITECTURE.md,
-//! Guarantee 1 "Nothing lost").
+//! reaches the bus even if NATS is down for a while, and survives the
+//! gateway being killed (ARCHITECTURE.md, Guarantee 1 "Nothing lost").
 //!
 //! ```text
-//! request tasks ── publish() ──▶ channel ──▶ worker ── publish_many ──▶ EventBus
-//!        │ (channel full)                     │  ▲
-//!        └──────────▶ spool (disk) ◀──────────┘  └── replay, oldest first
+//! request tasks ── publish() ──▶ spool (disk, one write(2)) ──▶ worker ── publish_many ──▶ EventBus
+//!                                   ▲ fsync every sync_interval      │
+//!                                   └──── cursor moves past acks ◀───┘
 //! ```
 //!
-//! [`Publisher::publish`] never waits for the broker: it puts the message on a
-//! bounded channel, or, when the channel is full, appends it to the on-disk
-//! spool itself. One worker task owns the rest:
+//! [`Publisher::publish`] never waits for the broker: it appends the message
+//! to the on-disk spool (one `write(2)` of one line, no fsync) and wakes the
+//! worker. The spool is the write-ahead log of every event: once `publish`
+//! returns, the event is in the kernel and survives the process being killed,
+//! so the request that produced it can release its last byte. The worker
+//! reads the spool from its cursor, publishes in batches (`publish_many`) and
+//! moves the cursor past each acknowledged prefix, deleting drained segments:
 //!
-//! - **Direct mode** (spool empty): take up to `batch_max` messages from the
-//!   channel, `publish_many`, repeat. What the bus acknowledged is done. What
-//!   failed with a retryable error ([`BusErrorKind::Unavailable`]) is appended
-//!   to the spool. What failed for good (`Rejected`, `Config`) is logged with its
-//!   event id, counted in `tollgate_gateway_publish_rejected_total` and parked
-//!   in `<spool_dir>/rejected/rejected.jsonl` with the error, never dropped.
-//! - **Replay mode** (spool non-empty): every new message goes to the spool's
-//!   tail, so nothing overtakes what is already spooled. The worker probes the
-//!   bus (`ready()`, backoff from 100 ms doubling to `retry_backoff_max`), then
-//!   replays the spool from its head in batches, advancing the on-disk cursor
-//!   past each acknowledged prefix and deleting drained segments. When the
-//!   spool is empty it returns to direct mode.
+//! - What the bus acknowledged is done.
+//! - What failed for any bus-side reason (unreachable, timed out, stream not
+//!   found during a NATS restart, misconfiguration) stays in the spool and is
+//!   retried with backoff (100 ms doubling to `retry_backoff_max`), after a
+//!   `ready()` probe.
+//! - Only an event the bus refuses *for its content*
+//!   ([`BusErrorKind::Rejected`]: too large for the server) is parked in
+//!   `<spool_dir>/rejected/rejected.jsonl` with the error, logged with its id,
+//!   counted in `tollgate_gateway_publish_rejected_total` and reported by
+//!   [`Publisher::rejected_events`] (the gateway's `/readyz` body). It is
+//!   never dropped: `tollgate-gateway spool replay-rejected` moves the file to
+//!   `rejected/replay-<time>.jsonl`, and the worker feeds such files back into
+//!   the spool (at start and within [`REPLAY_SCAN`] while running).
 //!
 //! # Order
 //!
-//! Events reach the bus in the order `publish` was called, with two bounded
-//! exceptions: (1) a message that finds the channel full (or closed, during
-//! shutdown) is spooled at once, ahead of the up to `channel_capacity` older
-//! messages still in the channel and the in-flight batch; (2) within one
-//! pipelined batch, a message after a failed one can be acknowledged before it. Spooled messages are replayed
-//! strictly in spool order. Consumers never rely on order for correctness
-//! (events carry `occurred_at`; the meter deduplicates by id).
+//! Events reach the bus in the order `publish` was called (appends are
+//! serialised by the spool's lock), with two bounded exceptions: (1) within
+//! one pipelined batch, a message after a failed one can be acknowledged
+//! before it (and is re-sent with it: a duplicate); (2) messages the disk
+//! refused wait in memory (the stash) and join the spool's tail, or go to the
+//! bus directly when the spool is empty. Consumers never rely on order for
+//! correctness (events carry `occurred_at`; the meter deduplicates by id).
 //!
 //! # Why nothing is lost
 //!
-//! A message is always in at least one of: the channel, the worker's in-flight
-//! batch, the stash (memory, only while the disk refuses writes), the spool
-//! file, the rejected file, or the bus (acknowledged). Every
-//! transition out of memory happens only after the destination has it: the
-//! spool cursor moves only past events the bus acknowledged (or parked), and a
-//! segment is deleted only after the cursor has moved past it. Failures in the
-//! middle of a batch keep the unacknowledged suffix in the spool. Re-sending
-//! is the only failure mode, and it is harmless: JetStream drops a repeated
-//! `Nats-Msg-Id` within its duplicate window and the meter deduplicates by
-//! event id after that.
+//! A message is always in at least one of: the spool file, the stash (memory,
+//! only while the disk refuses writes), the rejected file, or the bus
+//! (acknowledged). The spool cursor moves only past events the bus
+//! acknowledged (or parked), and a segment is deleted only after the cursor
+//! has moved past it. Re-sending is the only failure mode, and it is
+//! harmless: JetStream drops a repeated `Nats-Msg-Id` within its duplicate
+//! window and the meter (and billing) deduplicate by event id after that.
 //!
 //! If the spool cannot be written (disk full, I/O error) the messages stay in
 //! memory, [`Publisher::spool_full`] reports true so the gateway stops
@@ -57,49 +59,48 @@
 //!
 //! # What a crash can lose
 //!
-//! `kill -9` (or OOM, or a panic) loses nothing that was written to the spool:
-//! appends are whole lines in one `write(2)`, in the kernel when it returns, and
-//! a torn last line is skipped on restart. At risk are the messages that are
-//! only in memory: the channel and the in-flight batch. With the bus healthy
-//! that is what arrived during one `publish_many` round trip plus the batch's
-//! `linger` (together about two milliseconds). The worst case is the moment the bus becomes unreachable:
-//! everything produced while the failing attempt waits for its acks, up to
-//! `publish_timeout` (default 5 s), is still in memory. Once the worker has seen the failure, new messages reach the
-//! spool within a batch.
+//! `kill -9` (or OOM, or a panic) loses nothing `publish` returned from:
+//! appends are whole lines in one `write(2)`, in the kernel when it returns,
+//! and a torn last line is skipped on restart. (The stash is the exception:
+//! it exists only while the disk refuses writes, and then the gateway refuses
+//! new work.) The cursor itself is persisted at most every `sync_interval`
+//! (and whenever a segment is deleted, and at shutdown), so a restart after
+//! a crash re-sends up to that much already acknowledged traffic:
+//! duplicates, which the bus and the meter drop.
 //!
 //! A kernel crash or power loss can additionally lose spool appends not yet
-//! fsynced. The spool fsyncs when a segment is sealed (rotation), after a
-//! worker append or at a backoff tick once [`SYNC_INTERVAL`] has passed since
-//! the last fsync (so unsynced data is at most about
-//! `max(SYNC_INTERVAL, retry_backoff_max)` old), and on shutdown.
+//! fsynced: the worker fsyncs the spool's open segment (group commit, off the
+//! publishers' lock) every `sync_interval` (default [`DEFAULT_SYNC_INTERVAL`])
+//! while anything is unsynced, when a segment is sealed, and on shutdown. That
+//! interval is the only loss window.
 //!
 //! # Bounded, with a small overshoot
 //!
-//! When the spool holds `spool_max_bytes` or more, [`Publisher::spool_full`] is
-//! true and the gateway refuses new work. Publishing still accepts (and spools)
-//! every event, so a billing fact is never dropped: the overshoot is the
-//! events of requests already admitted plus whatever is in the channel, at most
-//! `channel_capacity` events. The `rejected/` files are not counted and not
-//! bounded; they only grow on bus-side refusals, which are errors to act on.
+//! When the spool holds `spool_max_bytes` or more unacknowledged bytes,
+//! [`Publisher::spool_full`] is true and the gateway refuses new work.
+//! Publishing still accepts (and spools) every event, so a billing fact is
+//! never dropped: the overshoot is the events of requests already admitted.
+//! The `rejected/` files are not counted and not bounded; they only grow on
+//! content refusals, which are errors to act on.
 //!
 //! # Acknowledgements
 //!
 //! [`Publisher::start_with_ack`] takes an [`AckHook`], called by the worker
-//! with every message the bus has acknowledged (published directly, replayed
-//! from the spool or flushed at shutdown) and its position in the stream. A
-//! duplicate's receipt carries the original's position, so the hook sees the
-//! position the event really has. Parked (rejected) messages are never
-//! acknowledged. The local quota debit (`crate::quota`) uses it to learn which
-//! stream position each of its usage events got.
+//! with every message the bus has acknowledged and its position in the
+//! stream. A duplicate's receipt carries the original's position, so the hook
+//! sees the position the event really has. Parked (rejected) messages are
+//! never acknowledged. The local quota debit (`crate::quota`) uses it to
+//! learn which stream position each of its usage events got.
 //!
 //! # Shutdown
 //!
-//! [`PublisherHandle::shutdown`] closes the channel (later `publish` calls go
-//! straight to the spool, fsynced), publishes what is in memory if the spool is
-//! empty and the bus answers before the deadline, spools the rest, fsyncs and
-//! stops, all within the given timeout. Dropping the handle without calling it
-//! stops the worker like a crash.
+//! [`PublisherHandle::shutdown`] stops the worker's loop, publishes what the
+//! spool holds while the bus answers and the deadline allows, persists the
+//! cursor, fsyncs and stops, all within the given timeout. Later `publish`
+//! calls still append (and fsync) by themselves. Dropping the handle without
+//! calling it stops the worker like a crash (the spool keeps everything).
 
+mod rejected;
 mod spool;
 mod worker;
 
@@ -111,7 +112,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tollgate_schemas::bus::{EventBus, Outgoing};
@@ -120,16 +121,19 @@ use tracing::{error, info, warn};
 #[cfg(doc)]
 use tollgate_schemas::bus::BusErrorKind;
 
-pub use spool::{REJECTED_DIR, SYNC_INTERVAL};
+pub use rejected::{REPLAY_SCAN, queue_rejected_for_replay};
+pub use spool::REJECTED_DIR;
 use spool::{Spool, SpoolStats};
 
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_BATCH_MAX: usize = 256;
-pub const DEFAULT_CHANNEL_CAPACITY: usize = 65_536;
 pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 16 << 20;
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(1);
+/// Group commit: unsynced spool appends are fsynced this often. A power loss
+/// can take at most this much of the newest events; a process kill, none.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How the publisher runs. [`PublisherConfig::new`] fills in the defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,25 +145,23 @@ pub struct PublisherConfig {
     pub spool_max_bytes: u64,
     /// Most messages per `publish_many`.
     pub batch_max: usize,
-    /// In-memory channel between `publish` and the worker.
-    pub channel_capacity: usize,
-    /// Ceiling of the backoff between bus probes while the spool is replayed.
+    /// Ceiling of the backoff between bus probes while the bus is away.
     pub retry_backoff_max: Duration,
     /// A spool segment is sealed (and fsynced) past this size.
     pub segment_max_bytes: u64,
     /// Upper bound on one `publish_many` before its messages count as
-    /// unavailable (and are spooled). It is also the worst-case crash window
-    /// (see the module docs). The JetStream client times out each ack on its
-    /// own, one after the other, so without this bound a batch against a dead
-    /// server would take `batch_max` × 5 s.
+    /// unavailable (they stay in the spool). The JetStream client times out
+    /// each ack on its own, one after the other, so without this bound a
+    /// batch against a dead server would take `batch_max` × 5 s.
     pub publish_timeout: Duration,
-    /// How long the worker waits for more messages once a batch has started
-    /// and is not full (direct mode). One bus round trip, and one wake-up of
-    /// the worker and of the bus connection, then carries the events of
-    /// several requests instead of one or two: at moderate rates that is most
-    /// of the publish cost. It delays the events, never a response, and adds
-    /// itself to the crash window (see the module docs). Zero: no wait.
+    /// How long the idle worker waits, once woken by a new event, before it
+    /// reads the spool: one bus round trip, and one wake-up of the worker and
+    /// of the bus connection, then carries the events of several requests
+    /// instead of one or two. It delays the events, never a response. Zero:
+    /// no wait.
     pub linger: Duration,
+    /// Group-commit fsync interval of the spool (see the module docs).
+    pub sync_interval: Duration,
 }
 
 impl PublisherConfig {
@@ -168,11 +170,11 @@ impl PublisherConfig {
             spool_dir: spool_dir.into(),
             spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
             batch_max: DEFAULT_BATCH_MAX,
-            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
             retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
             segment_max_bytes: DEFAULT_SEGMENT_MAX_BYTES,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             linger: DEFAULT_LINGER,
+            sync_interval: DEFAULT_SYNC_INTERVAL,
         }
     }
 }
@@ -189,14 +191,13 @@ impl Default for PublisherConfig {
 /// never block.
 pub type AckHook = Arc<dyn Fn(&Outgoing, u64) + Send + Sync>;
 
-/// Hands events to the worker. Cheap to clone.
+/// Hands events to the spool and the worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    tx: mpsc::Sender<Outgoing>,
     spool: Arc<Mutex<Spool>>,
     state: Arc<State>,
     spool_max_bytes: u64,
@@ -210,12 +211,16 @@ pub(crate) struct State {
     /// bus) to take them. Non-empty means `spool_full`.
     stash: Mutex<Stash>,
     stashed: AtomicU64,
+    /// Events in `rejected/rejected.jsonl` (counted at start, then as parked).
+    rejected: AtomicU64,
+    /// Wakes the worker when something was appended.
+    appended: Notify,
 }
 
 #[derive(Default)]
 struct Stash {
     msgs: VecDeque<Outgoing>,
-    /// The worker has stopped taking from the channel and stash.
+    /// The worker has stopped: appends fsync by themselves.
     closed: bool,
 }
 
@@ -261,9 +266,13 @@ impl Publisher {
             config.segment_max_bytes,
             Arc::clone(&stats),
         );
-        let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, segment_max, for_open))
-            .await
-            .map_err(io::Error::other)??;
+        let (spool, rejected) = tokio::task::spawn_blocking(move || {
+            let spool = Spool::open(&dir, segment_max, for_open)?;
+            let rejected = rejected::count(&dir);
+            Ok::<_, io::Error>((spool, rejected))
+        })
+        .await
+        .map_err(io::Error::other)??;
         if !spool.is_empty() {
             info!(
                 spool_dir = %config.spool_dir.display(),
@@ -272,21 +281,29 @@ impl Publisher {
                 "reopened a non-empty event spool; replaying it before anything new"
             );
         }
+        if rejected > 0 {
+            warn!(
+                spool_dir = %config.spool_dir.display(),
+                events = rejected,
+                "the spool holds events the bus refused; fix the cause, then run `tollgate-gateway spool replay-rejected`"
+            );
+        }
+        metrics::gauge!("tollgate_gateway_rejected_events").set(rejected as f64);
         let spool = Arc::new(Mutex::new(spool));
         let state = Arc::new(State {
             spool: stats,
             bus_healthy: AtomicBool::new(true),
             stash: Mutex::new(Stash::default()),
             stashed: AtomicU64::new(0),
+            rejected: AtomicU64::new(rejected),
+            appended: Notify::new(),
         });
         metrics::gauge!("tollgate_gateway_bus_healthy").set(1.0);
-        let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
         let (stop_tx, stop_rx) = watch::channel(None);
         let worker = worker::Worker::new(
             bus,
             Arc::clone(&spool),
             Arc::clone(&state),
-            rx,
             stop_rx,
             &config,
             on_ack,
@@ -294,7 +311,6 @@ impl Publisher {
         let task = tokio::spawn(worker.run());
         let publisher = Publisher {
             inner: Arc::new(Inner {
-                tx,
                 spool: Arc::clone(&spool),
                 state: Arc::clone(&state),
                 spool_max_bytes: config.spool_max_bytes,
@@ -310,21 +326,17 @@ impl Publisher {
         ))
     }
 
-    /// Hands `msg` to the worker without waiting for the broker. When the
-    /// channel is full (or the worker has stopped) the message is appended to
-    /// the spool right here, so it is never dropped; only then can the call
-    /// block, briefly, on the spool's lock and one `write(2)`.
+    /// Appends `msg` to the spool (one `write(2)`, no fsync) and wakes the
+    /// worker; never waits for the broker. When this returns the event
+    /// survives the process being killed. If the disk refuses the write the
+    /// message is held in memory and [`Publisher::spool_full`] turns true.
     pub fn publish(&self, msg: Outgoing) {
-        let msg = match self.inner.tx.try_send(msg) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(msg) | mpsc::error::TrySendError::Closed(msg)) => {
-                msg
-            }
-        };
-        self.inner.spill(msg);
+        self.inner.append(msg);
+        self.inner.state.appended.notify_one();
     }
 
-    /// Events currently in the spool.
+    /// Events in the spool not yet acknowledged by the bus (in flight, or
+    /// waiting for it).
     pub fn spool_depth(&self) -> u64 {
         self.inner.state.spool.events()
     }
@@ -344,6 +356,11 @@ impl Publisher {
     pub fn bus_healthy(&self) -> bool {
         self.inner.state.bus_healthy()
     }
+
+    /// Events parked in `rejected/rejected.jsonl`, waiting for an operator.
+    pub fn rejected_events(&self) -> u64 {
+        self.inner.state.rejected.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for Publisher {
@@ -357,8 +374,8 @@ impl fmt::Debug for Publisher {
 }
 
 impl Inner {
-    /// The caller-side path to the spool: channel full, or worker stopped.
-    fn spill(&self, msg: Outgoing) {
+    /// The write-ahead append of one event.
+    fn append(&self, msg: Outgoing) {
         let closed = {
             let mut stash = lock(&self.state.stash);
             if !stash.closed && !stash.msgs.is_empty() {
@@ -375,26 +392,23 @@ impl Inner {
             if closed { spool.sync() } else { Ok(()) }
         });
         drop(spool);
-        match result {
-            Ok(()) => metrics::counter!("tollgate_gateway_events_spooled_total").increment(1),
-            Err(e) => {
-                let mut stash = lock(&self.state.stash);
-                if stash.closed {
-                    error!(event_id = %msg.id, subject = %msg.subject, error = %e, "spool write failed after the publisher stopped: event lost");
-                    metrics::counter!("tollgate_gateway_events_lost_total").increment(1);
-                } else {
-                    error!(event_id = %msg.id, error = %e, "spool write failed; holding the event in memory and reporting spool_full until the disk recovers");
-                    stash.msgs.push_back(msg);
-                    self.state.set_stashed(&stash);
-                }
+        if let Err(e) = result {
+            let mut stash = lock(&self.state.stash);
+            if stash.closed {
+                error!(event_id = %msg.id, subject = %msg.subject, error = %e, "spool write failed after the publisher stopped: event lost");
+                metrics::counter!("tollgate_gateway_events_lost_total").increment(1);
+            } else {
+                error!(event_id = %msg.id, error = %e, "spool write failed; holding the event in memory and reporting spool_full until the disk recovers");
+                stash.msgs.push_back(msg);
+                self.state.set_stashed(&stash);
             }
         }
     }
 }
 
 /// Owns the worker task. Call [`PublisherHandle::shutdown`]; dropping the
-/// handle without it stops the worker like a crash (only what is already in
-/// the spool survives).
+/// handle without it stops the worker like a crash (the spool keeps every
+/// event; only the stash, if any, is lost).
 pub struct PublisherHandle {
     task: Option<JoinHandle<()>>,
     stop: watch::Sender<Option<Instant>>,
@@ -402,9 +416,9 @@ pub struct PublisherHandle {
 }
 
 impl PublisherHandle {
-    /// Drains: publishes what is in memory (or spools it if the bus is down or
-    /// the spool is not empty), fsyncs the spool, and stops, within `timeout`.
-    /// A quarter of the budget (at most 2 s) is kept for the disk.
+    /// Drains: publishes what the spool holds while the bus answers, persists
+    /// the cursor, fsyncs the spool, and stops, within `timeout`. A quarter of
+    /// the budget (at most 2 s) is kept for the disk.
     pub async fn shutdown(mut self, timeout: Duration) {
         let Some(mut task) = self.task.take() else {
             return;
@@ -419,10 +433,10 @@ impl PublisherHandle {
                 task.abort();
                 error!(
                     ?timeout,
-                    "event publisher did not drain in time; events still in memory may be lost"
+                    "event publisher did not drain in time; the spool keeps what was not sent"
                 );
                 let spool = Arc::clone(&self.spool);
-                let synced = tokio::task::spawn_blocking(move || lock(&spool).sync()).await;
+                let synced = tokio::task::spawn_blocking(move || lock(&spool).close()).await;
                 if !matches!(synced, Ok(Ok(()))) {
                     warn!("fsync of the event spool after an aborted drain failed");
                 }

@@ -27,14 +27,16 @@
 //!   the batch is in the kernel and survives the process dying (kill -9, OOM,
 //!   panic). A failed write is cut back with `set_len`, and the segment is
 //!   sealed, so a torn line is never glued to the next record.
-//! - `fsync` happens when a segment is sealed (rotation at `segment_max`), when
-//!   more than [`SYNC_INTERVAL`] has passed since the last one and the worker
-//!   asks ([`Spool::sync_if_due`]), and on shutdown. Only a kernel crash or
-//!   power loss can take unsynced appends, and only those.
+//! - `fsync` happens when a segment is sealed (rotation at `segment_max`), at
+//!   the worker's group-commit interval ([`Spool::take_unsynced`] hands it a
+//!   handle to fsync *outside* the lock, so publishers never wait on the
+//!   disk), and on shutdown ([`Spool::close`]). Only a kernel crash or power
+//!   loss can take unsynced appends, and only those.
 //! - The cursor is written (temp file + rename) after the bus acknowledged what
-//!   it skips, and *before* any segment it skips is deleted. A stale or lost
-//!   cursor only makes a restart re-send acknowledged events, which the bus
-//!   (by `Nats-Msg-Id`) and the meter (by event id) deduplicate.
+//!   it skips: at once *before* any segment it skips is deleted, otherwise at
+//!   the worker's interval ([`Spool::flush_cursor`]) and on close. A stale or
+//!   lost cursor only makes a restart re-send acknowledged events, which the
+//!   bus (by `Nats-Msg-Id`) and the meter (by event id) deduplicate.
 //! - On open, appends always go to a *new* segment, so a torn tail left by a
 //!   crash stays at the end of a sealed segment; the reader skips a line that
 //!   does not decode (with a warning, a metric and a copy in
@@ -48,7 +50,6 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -59,15 +60,13 @@ use tracing::warn;
 /// Subdirectory of the spool directory for events the bus refused and for
 /// undecodable spool lines. Never replayed automatically; never deleted.
 pub const REJECTED_DIR: &str = "rejected";
-/// Appends are fsynced at least this often while the worker is active.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 const SEGMENT_PREFIX: &str = "seg-";
 const SEGMENT_SUFFIX: &str = ".jsonl";
 const CURSOR_FILE: &str = "cursor";
 const CURSOR_TMP: &str = "cursor.tmp";
 const LOCK_FILE: &str = "lock";
-const REJECTED_FILE: &str = "rejected.jsonl";
+pub(crate) const REJECTED_FILE: &str = "rejected.jsonl";
 const CORRUPT_FILE: &str = "corrupt.jsonl";
 
 /// A byte position in the spool.
@@ -126,7 +125,8 @@ pub(crate) struct Spool {
     /// Lines after the cursor (events, plus any torn line not yet skipped).
     events: u64,
     dirty: bool,
-    last_sync: Instant,
+    /// The cursor moved since it was last written.
+    cursor_dirty: bool,
     stats: Arc<SpoolStats>,
     _lock: File,
 }
@@ -208,7 +208,7 @@ impl Spool {
             reader: None,
             events,
             dirty: false,
-            last_sync: Instant::now(),
+            cursor_dirty: false,
             stats,
             _lock: lock,
         };
@@ -295,17 +295,32 @@ impl Spool {
             sync_dir(&self.dir);
         }
         self.dirty = false;
-        self.last_sync = Instant::now();
         Ok(())
     }
 
-    /// [`Spool::sync`] when more than [`SYNC_INTERVAL`] has passed.
-    pub fn sync_if_due(&mut self) -> io::Result<()> {
-        if self.dirty && self.last_sync.elapsed() >= SYNC_INTERVAL {
-            self.sync()
-        } else {
-            Ok(())
+    /// Anything appended since the last fsync: a handle on the open segment
+    /// for the caller to fsync without holding the spool's lock (a segment
+    /// sealed meanwhile was fsynced by [`Spool::append`]). The appends count
+    /// as synced from here on.
+    pub fn take_unsynced(&mut self) -> Option<File> {
+        if !self.dirty {
+            return None;
         }
+        self.dirty = false;
+        self.writer.as_ref().and_then(|f| f.try_clone().ok())
+    }
+
+    /// Writes the cursor if it moved since it was last written.
+    pub fn flush_cursor(&mut self) {
+        if self.cursor_dirty {
+            self.write_cursor();
+        }
+    }
+
+    /// Shutdown: the cursor and every append are on disk.
+    pub fn close(&mut self) -> io::Result<()> {
+        self.flush_cursor();
+        self.sync()
     }
 
     /// Up to `max` events from the cursor, oldest first, without consuming
@@ -411,8 +426,11 @@ impl Spool {
         if self.segments.is_empty() {
             self.events = 0;
         }
-        if events > 0 || !finished.is_empty() {
+        if !finished.is_empty() {
+            // Before the files go: a cursor must never point into a deleted one.
             self.write_cursor();
+        } else if events > 0 {
+            self.cursor_dirty = true;
         }
         for id in finished {
             if self.reader.as_ref().is_some_and(|r| r.segment == id) {
@@ -455,7 +473,6 @@ impl Spool {
         if let Some(file) = self.writer.take() {
             file.sync_data()?;
             self.dirty = false;
-            self.last_sync = Instant::now();
         }
         Ok(())
     }
@@ -499,7 +516,8 @@ impl Spool {
         Ok(n)
     }
 
-    fn write_cursor(&self) {
+    fn write_cursor(&mut self) {
+        self.cursor_dirty = false;
         let tmp = self.dir.join(CURSOR_TMP);
         let text = format!("{} {}\n", self.cursor.segment, self.cursor.offset);
         let result =
@@ -507,6 +525,7 @@ impl Spool {
         if let Err(e) = result {
             // Not fatal: a stale cursor only re-sends acknowledged events.
             warn!(error = %e, "could not persist the spool cursor");
+            self.cursor_dirty = true;
         }
     }
 

@@ -1,47 +1,56 @@
-//! The publisher's background task: direct publishing, spooling, replay and
-//! the shutdown drain. See the parent module for the ordering and no-loss
-//! argument; this file keeps to it mechanically:
+//! The publisher's background task: reading the spool, publishing, moving
+//! the cursor, group-commit fsync, and the shutdown drain. See the parent
+//! module for the ordering and no-loss argument; this file keeps to it
+//! mechanically:
 //!
-//! - while the spool is non-empty, messages from the channel only ever go to
-//!   the spool's tail (`append_to_spool`), never to the bus;
-//! - the spool cursor only moves past a prefix of a replayed batch that the bus
+//! - every event is in the spool before the worker sees it; the worker only
+//!   reads the spool from its cursor;
+//! - the spool cursor only moves past a prefix of a read batch that the bus
 //!   acknowledged or that was parked as rejected;
-//! - messages the disk refused are put back at the front of the stash, which
-//!   goes before anything newer the next time the spool is written.
+//! - messages the disk refused (the stash) are put back at the front of the
+//!   stash, which goes before anything newer the next time the spool is
+//!   written.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tollgate_schemas::bus::{BusError, BusErrorKind, EventBus, Outgoing, PublishReceipt};
 use tracing::{debug, error, info, warn};
 
 use super::spool::Spool;
-use super::{AckHook, PublisherConfig, State, lock};
+use super::{AckHook, PublisherConfig, REPLAY_SCAN, State, lock, rejected};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 type Results = Vec<Result<PublishReceipt, BusError>>;
 
+/// Only an event the bus refuses for what it is goes to `rejected/`; every
+/// bus-side condition (unreachable, timed out, stream missing while NATS
+/// restarts, misconfiguration) is retried from the spool.
+fn refused_for_content(e: &BusError) -> bool {
+    e.kind == BusErrorKind::Rejected
+}
+
 pub(super) struct Worker {
     bus: Arc<dyn EventBus>,
     spool: Arc<Mutex<Spool>>,
+    spool_dir: PathBuf,
     state: Arc<State>,
-    rx: mpsc::Receiver<Outgoing>,
     stop: watch::Receiver<Option<Instant>>,
     batch_max: usize,
     publish_timeout: Duration,
     linger: Duration,
-    /// The direct-mode batch, kept between batches for its capacity.
-    batch: Vec<Outgoing>,
+    sync_interval: Duration,
     backoff: Backoff,
     /// Set once shutdown was asked for: bus attempts end at this instant.
     deadline: Option<Instant>,
-    /// Every `Publisher` is gone and the channel is empty.
-    channel_closed: bool,
     on_ack: Option<AckHook>,
+    next_sync: Instant,
+    next_scan: Instant,
 }
 
 impl Worker {
@@ -49,37 +58,40 @@ impl Worker {
         bus: Arc<dyn EventBus>,
         spool: Arc<Mutex<Spool>>,
         state: Arc<State>,
-        rx: mpsc::Receiver<Outgoing>,
         stop: watch::Receiver<Option<Instant>>,
         config: &PublisherConfig,
         on_ack: Option<AckHook>,
     ) -> Self {
+        let now = Instant::now();
         Self {
             bus,
             spool,
+            spool_dir: config.spool_dir.clone(),
             state,
-            rx,
             stop,
             batch_max: config.batch_max.max(1),
             publish_timeout: config.publish_timeout,
             linger: config.linger,
-            batch: Vec::new(),
+            sync_interval: config.sync_interval.max(Duration::from_millis(1)),
             backoff: Backoff::new(
                 BACKOFF_MIN.min(config.retry_backoff_max),
                 config.retry_backoff_max,
             ),
             deadline: None,
-            channel_closed: false,
             on_ack,
+            next_sync: now + config.sync_interval,
+            // Replay files queued while no gateway ran are taken at once.
+            next_scan: now,
         }
     }
 
     pub(super) async fn run(mut self) {
-        while !self.stopping() && !self.channel_closed {
+        while !self.stopping() {
+            self.housekeeping().await;
             if self.state.stashed() > 0 && !self.flush_stash().await {
                 self.pause().await;
             } else if self.spool_empty() {
-                self.direct().await;
+                self.idle().await;
             } else {
                 self.replay().await;
             }
@@ -102,43 +114,74 @@ impl Worker {
         self.state.spool.bytes() == 0
     }
 
-    /// Spool empty: publish what arrives, straight from the channel.
-    async fn direct(&mut self) {
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.clear();
+    /// Nothing to send: wait for an append (then linger, so one batch carries
+    /// the events of several requests), a housekeeping tick, or shutdown.
+    async fn idle(&mut self) {
+        let tick = self.next_sync.min(self.next_scan);
         tokio::select! {
             biased;
-            d = stop_requested(&mut self.stop) => {
-                self.deadline = Some(d);
-                self.batch = batch;
-                return;
-            }
-            n = self.rx.recv_many(&mut batch, self.batch_max) => if n == 0 {
-                self.channel_closed = true;
-                self.batch = batch;
-                return;
-            }
-        }
-        if !self.linger.is_zero() && batch.len() < self.batch_max {
-            let until = Instant::now() + self.linger;
-            while batch.len() < self.batch_max {
-                let room = self.batch_max - batch.len();
-                match tokio::time::timeout_at(until, self.rx.recv_many(&mut batch, room)).await {
-                    Ok(0) => {
-                        // Closed: publish what we have; `run` drains after.
-                        self.channel_closed = true;
-                        break;
+            d = stop_requested(&mut self.stop) => self.deadline = Some(d),
+            () = self.state.appended.notified() => {
+                if !self.linger.is_zero() {
+                    tokio::select! {
+                        biased;
+                        d = stop_requested(&mut self.stop) => self.deadline = Some(d),
+                        () = tokio::time::sleep(self.linger) => {}
                     }
-                    Ok(_) => {}
-                    Err(_) => break,
                 }
             }
+            () = tokio::time::sleep_until(tick) => {}
         }
-        self.publish_direct(&mut batch).await;
-        self.batch = batch;
     }
 
-    /// Publishes (and empties) `batch`.
+    /// Group-commit fsync and cursor write when due; replay files queued by
+    /// an operator, and the rejected count, every [`REPLAY_SCAN`].
+    async fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_sync {
+            self.next_sync = now + self.sync_interval;
+            let spool = Arc::clone(&self.spool);
+            let synced = tokio::task::spawn_blocking(move || {
+                let unsynced = {
+                    let mut s = lock(&spool);
+                    s.flush_cursor();
+                    s.take_unsynced()
+                };
+                // The fsync itself runs without the lock: publishers go on.
+                unsynced.map(|f| f.sync_data())
+            })
+            .await;
+            if let Ok(Some(Err(e))) = synced {
+                warn!(error = %e, "fsync of the event spool failed");
+            }
+        }
+        if now >= self.next_scan {
+            self.next_scan = now + REPLAY_SCAN;
+            let dir = self.spool_dir.clone();
+            let requeued = self
+                .blocking(move |s| {
+                    let requeued = rejected::requeue(s, &dir);
+                    (requeued, rejected::count(&dir))
+                })
+                .await;
+            if let Some((requeued, count)) = requeued {
+                match requeued {
+                    Ok(0) => {}
+                    Ok(n) => info!(
+                        events = n,
+                        "replaying events an operator queued from rejected/"
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "could not requeue rejected events for replay; will retry")
+                    }
+                }
+                self.state.rejected.store(count, Ordering::Relaxed);
+                metrics::gauge!("tollgate_gateway_rejected_events").set(count as f64);
+            }
+        }
+    }
+
+    /// Publishes (and empties) `batch`: the stash, when the spool is empty.
     async fn publish_direct(&mut self, batch: &mut Vec<Outgoing>) {
         let results = self.attempt(batch).await;
         let (mut ok, mut retry, mut rejected, mut cause) = (0u64, Vec::new(), Vec::new(), None);
@@ -148,11 +191,11 @@ impl Worker {
                     ok += 1;
                     self.acked(&msg, receipt.position);
                 }
-                Err(e) if e.is_retryable() => {
+                Err(e) if refused_for_content(&e) => rejected.push((msg, e.to_string())),
+                Err(e) => {
                     cause = Some(e);
                     retry.push(msg);
                 }
-                Err(e) => rejected.push((msg, e.to_string())),
             }
         }
         metrics::counter!("tollgate_gateway_events_published_total").increment(ok);
@@ -171,12 +214,12 @@ impl Worker {
         }
     }
 
-    /// Spool non-empty: new messages join its tail; replay one batch from its head.
-    async fn replay(&mut self) {
-        self.channel_to_spool().await;
+    /// Spool non-empty: publish one batch from its head. True when the whole
+    /// batch is done (acknowledged or parked).
+    async fn replay(&mut self) -> bool {
         if !self.state.bus_healthy() && !self.probe().await {
             self.pause().await;
-            return;
+            return false;
         }
         let batch_max = self.batch_max;
         let entries = match self.blocking(move |s| s.peek(batch_max)).await {
@@ -184,18 +227,18 @@ impl Worker {
             Some(Err(e)) => {
                 error!(error = %e, "reading the event spool failed; will retry");
                 self.pause().await;
-                return;
+                return false;
             }
             None => {
                 self.pause().await;
-                return;
+                return false;
             }
         };
         if entries.is_empty() {
             if !self.spool_empty() {
                 self.pause().await;
             }
-            return;
+            return false;
         }
         let msgs: Vec<Outgoing> = entries.iter().map(|e| e.msg.clone()).collect();
         let results = self.attempt(&msgs).await;
@@ -206,11 +249,11 @@ impl Worker {
                     ok += 1;
                     self.acked(&msg, receipt.position);
                 }
-                Err(e) if e.is_retryable() => {
+                Err(e) if refused_for_content(&e) => rejected.push((acked, msg, e.to_string())),
+                Err(e) => {
                     cause = Some(e);
                     break;
                 }
-                Err(e) => rejected.push((acked, msg, e.to_string())),
             }
             acked += 1;
         }
@@ -242,8 +285,10 @@ impl Worker {
         }
         if retry_later {
             self.pause().await;
+            false
         } else {
             self.backoff.reset();
+            true
         }
     }
 
@@ -290,7 +335,7 @@ impl Worker {
         let n = all.len() as u64;
         let written = self
             .blocking(move |s| {
-                let result = s.append(&all).and_then(|()| s.sync_if_due());
+                let result = s.append(&all);
                 (result, all)
             })
             .await;
@@ -313,24 +358,6 @@ impl Worker {
         }
     }
 
-    /// Whatever is waiting in the channel goes to the spool's tail.
-    async fn channel_to_spool(&mut self) {
-        let mut msgs = Vec::new();
-        loop {
-            match self.rx.try_recv() {
-                Ok(msg) => msgs.push(msg),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.channel_closed = true;
-                    break;
-                }
-            }
-        }
-        if !msgs.is_empty() {
-            self.append_to_spool(msgs).await;
-        }
-    }
-
     /// Parks events the bus refused for good; gives them back if the disk
     /// would not take them.
     async fn park(&mut self, items: Vec<(Outgoing, String)>) -> Result<(), Vec<Outgoing>> {
@@ -343,7 +370,11 @@ impl Worker {
             .blocking(move |s| (s.park_rejected(&items), items))
             .await
         {
-            Some((Ok(()), _)) => Ok(()),
+            Some((Ok(()), _)) => {
+                let count = self.state.rejected.fetch_add(n, Ordering::Relaxed) + n;
+                metrics::gauge!("tollgate_gateway_rejected_events").set(count as f64);
+                Ok(())
+            }
             Some((Err(e), items)) => {
                 error!(error = %e, events = n, "could not write rejected events to disk; keeping them");
                 Err(items.into_iter().map(|(m, _)| m).collect())
@@ -376,57 +407,37 @@ impl Worker {
         results
     }
 
-    /// Backoff wait. Meanwhile new messages go to the spool (so the channel
-    /// never fills while the bus is away) and a shutdown ends the wait.
+    /// Backoff wait, keeping the group-commit fsync going; a shutdown ends
+    /// the wait.
     async fn pause(&mut self) {
         let until = Instant::now() + self.backoff.next();
-        let due = self.blocking(Spool::sync_if_due).await;
-        if let Some(Err(e)) = due {
-            warn!(error = %e, "fsync of the event spool failed");
-        }
         loop {
-            let mut batch = Vec::new();
+            self.housekeeping().await;
+            let wake = until.min(self.next_sync);
             tokio::select! {
                 biased;
                 d = stop_requested(&mut self.stop) => {
                     self.deadline = Some(d);
                     return;
                 }
-                () = tokio::time::sleep_until(until) => return,
-                n = self.rx.recv_many(&mut batch, self.batch_max), if !self.channel_closed => {
-                    if n == 0 {
-                        self.channel_closed = true;
-                        return;
-                    }
-                    self.append_to_spool(batch).await;
+                () = tokio::time::sleep_until(wake) => if wake >= until {
+                    return;
                 }
             }
         }
     }
 
-    /// Shutdown: nothing in memory is left behind.
+    /// Shutdown: publish what the spool holds while the bus answers and the
+    /// deadline allows; the rest stays in the spool for the next start.
     async fn drain(&mut self) {
-        self.rx.close();
-        let mut rest = Vec::new();
-        while let Ok(msg) = self.rx.try_recv() {
-            rest.push(msg);
-        }
-        let n = rest.len();
-        let mut rest = rest.into_iter();
-        loop {
-            let mut batch: Vec<Outgoing> = rest.by_ref().take(self.batch_max).collect();
-            if batch.is_empty() {
+        let before = self.state.spool.events();
+        while !self.spool_empty()
+            && self.state.stashed() == 0
+            && self.state.bus_healthy()
+            && self.deadline.is_none_or(|d| Instant::now() < d)
+        {
+            if !self.replay().await {
                 break;
-            }
-            let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
-            if in_time
-                && self.spool_empty()
-                && self.state.stashed() == 0
-                && self.state.bus_healthy()
-            {
-                self.publish_direct(&mut batch).await;
-            } else {
-                self.append_to_spool(batch).await;
             }
         }
         // From here on `publish` appends (and fsyncs) by itself; take what the
@@ -443,11 +454,11 @@ impl Worker {
             error!(event_id = %msg.id, subject = %msg.subject, "event could not be spooled at shutdown: lost");
         }
         metrics::counter!("tollgate_gateway_events_lost_total").increment(lost.len() as u64);
-        if let Some(Err(e)) = self.blocking(Spool::sync).await {
+        if let Some(Err(e)) = self.blocking(Spool::close).await {
             error!(error = %e, "fsync of the event spool at shutdown failed");
         }
         info!(
-            drained = n,
+            drained = before.saturating_sub(self.state.spool.events()),
             spool_events = self.state.spool.events(),
             "event publisher stopped"
         );

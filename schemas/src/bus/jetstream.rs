@@ -72,6 +72,15 @@ impl JetStreamBus {
         names: Names,
         settings: StreamSettings,
     ) -> Result<Self, BusError> {
+        let bus = Self::connect_lazy(url, names).await?;
+        bus.ensure_streams(settings).await?;
+        Ok(bus)
+    }
+
+    /// A client that connects in the background (and reconnects for ever):
+    /// returns at once, whether or not NATS is up. The streams are not
+    /// touched; call [`JetStreamBus::ensure_streams`] when it answers.
+    pub async fn connect_lazy(url: &str, names: Names) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("tollgate")
             .retry_on_initial_connect()
@@ -79,9 +88,7 @@ impl JetStreamBus {
             .connect(url)
             .await
             .map_err(unavailable)?;
-        let bus = Self::from_client(client, names);
-        bus.ensure_streams(settings).await?;
-        Ok(bus)
+        Ok(Self::from_client(client, names))
     }
 
     /// Wraps an existing client; does not touch the streams.
@@ -170,7 +177,8 @@ impl JetStreamBus {
             K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence => {
                 BusErrorKind::Rejected
             }
-            K::StreamNotFound => BusErrorKind::Config,
+            // Seen while nats-server shuts down or restarts: retried, never parked.
+            K::StreamNotFound => BusErrorKind::Unavailable,
             _ => BusErrorKind::Unavailable,
         }
     }

@@ -202,7 +202,8 @@ pub enum BusErrorKind {
     Unavailable,
     /// The message is unacceptable (too large, bad subject): retrying won't help.
     Rejected,
-    /// Misconfiguration (stream missing, config conflict).
+    /// Misconfiguration (a stream config conflict). Publishers retry it like
+    /// `Unavailable`: only `Rejected` says the message itself is at fault.
     Config,
 }
 
