@@ -48,8 +48,10 @@ pub fn check_head(
             cfg.max_headers
         )));
     }
-    // "METHOD URI HTTP/1.1\r\n", then "name: value\r\n" per header.
-    let line = method.as_str().len() + uri.to_string().len() + 12;
+    // "METHOD TARGET HTTP/1.1\r\n", then "name: value\r\n" per header.
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let line = method.as_str().len() + target + 12;
     let size = headers
         .iter()
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4);

@@ -33,9 +33,17 @@ fn fault(api: Api, req: &Map<String, Value>) -> Invalid {
 }
 
 /// (api, body, OpenAI param, OpenAI code, message fragment)
+type OpenAiRow = (
+    Api,
+    Map<String, Value>,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
 #[test]
 fn openai_faults_name_the_field_with_openais_words() {
-    let rows: Vec<(Api, Map<String, Value>, &str, &str, &str)> = vec![
+    let rows: Vec<OpenAiRow> = vec![
         (
             Api::Chat,
             chat(json!({"messages": [{"role": 5, "content": "x"}]})),
