@@ -647,3 +647,50 @@ async fn a_body_that_trickles_in_gets_a_shaped_408() {
     }
     assert_eq!(f.upstream_hits().await, 0);
 }
+
+#[tokio::test]
+async fn shutdown_drains_a_stream_in_progress_and_closes_idle_connections() {
+    let Fixture {
+        env: _env,
+        _mock: _upstream,
+        gw,
+        _dir,
+        http,
+        secret,
+    } = fixture("").await;
+    let addr = gw.addr;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let r = http
+        .post(format!("{}/v1/chat/completions", gw.url()))
+        .bearer_auth(&secret)
+        .header("x-mock-chunk-delay-ms", "100")
+        .header("x-mock-output-tokens", "15")
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let reading = tokio::spawn(stack::sse_data(r));
+    let shutdown = tokio::spawn(tokio::time::timeout(Duration::from_secs(20), gw.shutdown()));
+    // The drain has begun once the idle connection is closed, and the
+    // stream (about 1.5 s) is still going then.
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "shutdown left an idle connection open"
+    );
+    assert!(!reading.is_finished(), "the stream ended before the drain");
+    let data = reading.await.unwrap();
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream was cut by the shutdown"
+    );
+    shutdown
+        .await
+        .unwrap()
+        .expect("shutdown did not finish")
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+}
