@@ -22,7 +22,7 @@ use crate::error::{ApiStyle, GatewayError};
 use crate::pipeline::{
     self, Surface, authenticate, model_of, parse_object, read_body, resolve_model,
 };
-use crate::{events, tokens};
+use crate::{events, tokens, validate};
 
 pub async fn messages(
     State(app): State<App>,
@@ -48,18 +48,13 @@ pub async fn count_tokens(
     let mut model_seen = None;
     let result = async {
         // Body first, as in the pipeline: never answer mid-upload.
-        let bytes = read_body(&headers, body, app.config.max_body_bytes).await?;
+        let bytes = read_body(&app, &headers, body).await?;
         let key = authenticate(&app, &headers).await?;
         who = (key.tenant_id.clone(), key.key_id.clone());
         let req = parse_object(&bytes)?;
+        model_seen = req.get("model").and_then(Value::as_str).map(str::to_owned);
+        validate::check(validate::Api::CountTokens, &req)?;
         let model = model_of(&req)?;
-        model_seen = Some(model.clone());
-        if !req.get("messages").is_some_and(Value::is_array) {
-            return Err(GatewayError::bad_request(
-                "messages: Field required (an array)",
-                Some("messages"),
-            ));
-        }
         resolve_model(&app, &key, &model)?;
         let version = headers
             .get("anthropic-version")
@@ -77,7 +72,7 @@ pub async fn count_tokens(
             source,
         });
         events::emit(&app, &event, &traceparent);
-        Ok(axum::Json(serde_json::json!({"input_tokens": n})).into_response())
+        Ok::<_, GatewayError>(axum::Json(serde_json::json!({"input_tokens": n})).into_response())
     }
     .instrument(span.clone())
     .await;

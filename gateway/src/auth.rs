@@ -222,25 +222,85 @@ pub fn check_usable(record: &KeyRecord) -> Result<(), GatewayError> {
 
 /// The secret from `Authorization: Bearer`, `X-API-Key` or `x-api-key`
 /// (header names are case-insensitive, so the last two are one).
-pub fn presented_secret(headers: &axum::http::HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        if let Some(rest) = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-        {
-            let rest = rest.trim();
-            if !rest.is_empty() {
-                return Some(rest);
-            }
+///
+/// Every credential header is read: a request may repeat one, or send both
+/// (SDKs set one, a proxy or a user's extra header the other), and they must
+/// agree. Two different keys are refused (401) rather than billing whichever
+/// came first. `Authorization` with another scheme than Bearer is not a key.
+pub fn presented_secret(headers: &axum::http::HeaderMap) -> Result<Option<&str>, GatewayError> {
+    let bearer = headers
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let v = v.trim();
+            let (scheme, rest) = v.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case("bearer ").then(|| rest.trim())
+        });
+    let api_key = headers
+        .get_all("x-api-key")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim);
+    let mut found: Option<&str> = None;
+    for secret in bearer.chain(api_key).filter(|s| !s.is_empty()) {
+        match found {
+            Some(first) if first != secret => return Err(GatewayError::ConflictingKeys),
+            _ => found = Some(secret),
         }
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn one_key_however_it_is_sent() {
+        for h in [
+            headers(&[("authorization", "Bearer k1")]),
+            headers(&[("authorization", "bearer  k1 ")]),
+            headers(&[("x-api-key", "k1")]),
+            headers(&[("authorization", "Bearer k1"), ("x-api-key", "k1")]),
+            headers(&[("x-api-key", "k1"), ("x-api-key", "k1")]),
+            headers(&[("authorization", "Basic eDp5"), ("x-api-key", "k1")]),
+        ] {
+            assert_eq!(presented_secret(&h).unwrap(), Some("k1"), "{h:?}");
+        }
+        assert_eq!(presented_secret(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(
+            presented_secret(&headers(&[("authorization", "Bearer ")])).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn two_different_keys_are_refused() {
+        for h in [
+            headers(&[("authorization", "Bearer k1"), ("x-api-key", "k2")]),
+            headers(&[
+                ("authorization", "Bearer k1"),
+                ("authorization", "Bearer k2"),
+            ]),
+            headers(&[("x-api-key", "k1"), ("x-api-key", "k2")]),
+        ] {
+            assert!(
+                matches!(presented_secret(&h), Err(GatewayError::ConflictingKeys)),
+                "{h:?}"
+            );
+        }
+    }
 }

@@ -38,6 +38,9 @@ pub struct Config {
     pub kafka: KafkaSettings,
     #[serde(default)]
     pub limits: GlobalLimits,
+    /// The client-facing HTTP server: header limits and read timeouts.
+    #[serde(default)]
+    pub server: ServerConfig,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -83,6 +86,42 @@ pub struct GlobalLimits {
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
     pub max_concurrency: Option<u32>,
+}
+
+/// Limits on what clients send, so slow or oversized requests cannot hold
+/// connections or memory (see [`crate::server`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// A request head (request line and headers) must arrive complete within
+    /// this long of the connection starting to wait for it: after accept, or
+    /// after the previous response on a keep-alive connection. It is hyper's
+    /// header-read timer, which starts when a connection begins waiting for a
+    /// request, so it is also the idle timeout of keep-alive connections and
+    /// the bound on slow-loris clients. Never cuts a request or stream in
+    /// progress (those are bounded by `timeouts.total_ms`).
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// The whole request body must arrive within this long (408 after it).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Largest request head, request line and headers together (431 above it).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most request headers (431 above it).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +280,18 @@ fn default_stream_max_age_days() -> u64 {
 fn default_duplicate_window_secs() -> u64 {
     600
 }
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
 fn default_connect_ms() -> u64 {
     5_000
 }
@@ -335,6 +386,27 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes: must be > 0".into());
+        }
+        let s = &self.server;
+        for (name, v) in [
+            ("header_read_timeout_ms", s.header_read_timeout_ms),
+            ("body_read_timeout_ms", s.body_read_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("server.{name}: must be > 0"));
+            }
+        }
+        if !(1024..=crate::server::MAX_HEADER_BYTES_LIMIT).contains(&s.max_header_bytes) {
+            return bad(format!(
+                "server.max_header_bytes: must be between 1024 and {}",
+                crate::server::MAX_HEADER_BYTES_LIMIT
+            ));
+        }
+        if !(1..=crate::server::MAX_HEADERS_LIMIT).contains(&s.max_headers) {
+            return bad(format!(
+                "server.max_headers: must be between 1 and {}",
+                crate::server::MAX_HEADERS_LIMIT
+            ));
         }
         Ok(())
     }

@@ -20,6 +20,18 @@ pub enum ApiStyle {
     Anthropic,
 }
 
+impl ApiStyle {
+    /// Anthropic's routes are `/v1/messages*`; every other path answers in
+    /// OpenAI's shape.
+    pub fn for_path(path: &str) -> Self {
+        if path.starts_with("/v1/messages") {
+            ApiStyle::Anthropic
+        } else {
+            ApiStyle::OpenAi
+        }
+    }
+}
+
 /// The limit a 429 is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
@@ -50,6 +62,11 @@ pub enum GatewayError {
     MissingKey,
     #[error("{0}")]
     InvalidKey(&'static str),
+    /// Two credentials (headers) in one request carrying different keys.
+    #[error(
+        "the request carries more than one API key (`Authorization` and `x-api-key` headers): send exactly one"
+    )]
+    ConflictingKeys,
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
     #[error("this API key may not use the model `{0}`")]
@@ -59,8 +76,18 @@ pub enum GatewayError {
         message: String,
         param: Option<&'static str>,
     },
+    /// A known parameter with the wrong type or value ([`crate::validate`]).
+    #[error("{}", .0.message(ApiStyle::OpenAi))]
+    Invalid(crate::validate::Invalid),
     #[error("request body is larger than the {0}-byte limit")]
     PayloadTooLarge(usize),
+    #[error("request header fields too large: {0}")]
+    HeadersTooLarge(String),
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
+    /// An error status produced below the handlers (see [`crate::edge`]).
+    #[error("{message}")]
+    Status { status: StatusCode, message: String },
     #[error("rate limit reached: {}; retry after {}s", .limit.describe(), .retry_after.as_secs().max(1))]
     RateLimited {
         limit: LimitKind,
@@ -98,11 +125,16 @@ impl GatewayError {
     /// The status on an OpenAI route; see [`GatewayError::status_for`].
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey(_) => StatusCode::UNAUTHORIZED,
+            Self::MissingKey | Self::InvalidKey(_) | Self::ConflictingKeys => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::Invalid(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Status { status, .. } => *status,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { status, .. } => *status,
             Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -127,6 +159,15 @@ impl GatewayError {
         match self {
             Self::MissingKey => ("invalid_request_error", Some("missing_api_key")),
             Self::InvalidKey(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Self::ConflictingKeys => ("invalid_request_error", Some("invalid_api_key")),
+            Self::Invalid(i) => ("invalid_request_error", Some(i.code())),
+            Self::HeadersTooLarge(_) => (
+                "invalid_request_error",
+                Some("request_header_fields_too_large"),
+            ),
+            Self::BodyTimeout(_) => ("invalid_request_error", Some("request_timeout")),
+            Self::Status { status, .. } if status.is_server_error() => ("api_error", None),
+            Self::Status { .. } => ("invalid_request_error", None),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::ModelNotAllowed(_) => ("permission_error", Some("model_not_allowed")),
             Self::BadRequest { .. } => ("invalid_request_error", None),
@@ -150,10 +191,25 @@ impl GatewayError {
     /// Anthropic's `error.type`.
     fn anthropic_type(&self) -> &'static str {
         match self {
-            Self::MissingKey | Self::InvalidKey(_) => "authentication_error",
+            Self::MissingKey | Self::InvalidKey(_) | Self::ConflictingKeys => {
+                "authentication_error"
+            }
             Self::ModelNotAllowed(_) => "permission_error",
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => "not_found_error",
+            Self::Status { status, .. } => match status.as_u16() {
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                s if s >= 500 => "api_error",
+                _ => "invalid_request_error",
+            },
             Self::BadRequest { .. }
+            | Self::Invalid(_)
+            | Self::HeadersTooLarge(_)
+            | Self::BodyTimeout(_)
             | Self::PayloadTooLarge(_)
             | Self::MethodNotAllowed(_)
             | Self::InsufficientQuota { .. } => "invalid_request_error",
@@ -181,6 +237,7 @@ impl GatewayError {
         let status = self.status_for(style);
         let message = match &self {
             Self::InsufficientQuota { scope } => quota_message(*scope, style).to_owned(),
+            Self::Invalid(i) => i.message(style),
             // Never echo internals to a client.
             Self::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
@@ -192,8 +249,9 @@ impl GatewayError {
             ApiStyle::OpenAi => {
                 let (ty, code) = self.openai_type_code();
                 let param = match &self {
-                    Self::BadRequest { param, .. } => *param,
-                    Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model"),
+                    Self::BadRequest { param, .. } => param.map(str::to_owned),
+                    Self::Invalid(i) => Some(i.param()),
+                    Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model".to_owned()),
                     _ => None,
                 };
                 json!({"error": {"message": message, "type": ty, "param": param, "code": code}})
@@ -203,7 +261,7 @@ impl GatewayError {
             }
         };
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self, Self::PayloadTooLarge(_)) {
+        if matches!(self, Self::PayloadTooLarge(_) | Self::BodyTimeout(_)) {
             // The rest of the upload is never read: the client must not reuse
             // this connection.
             resp.headers_mut().insert(

@@ -2,6 +2,7 @@
 
 use axum::Extension;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -74,13 +75,21 @@ pub async fn list_models(State(app): State<App>, headers: HeaderMap) -> Response
     }
 }
 
+/// The path is taken as a `Result` so that a key is checked before the
+/// path: an unauthenticated caller gets 401 whatever the path holds.
 pub async fn get_model(
     State(app): State<App>,
     headers: HeaderMap,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
 ) -> Response {
     let result = async {
         let key = authenticate(&app, &headers).await?;
+        let Path(model) = model.map_err(|e| {
+            GatewayError::bad_request(
+                format!("invalid model id in the path: {}", e.body_text()),
+                None,
+            )
+        })?;
         resolve_model(&app, &key, &model)?;
         Ok::<_, GatewayError>(axum::Json(model_object(&model)).into_response())
     }

@@ -37,7 +37,7 @@ use crate::limits::{Limiter, Permit};
 use crate::routing::Deployment;
 use crate::sse::{OpenAiRelay, OpenAiUsage, SseEvent, SseFramer};
 use crate::translate::{self, StreamTranslator};
-use crate::{events, proxy, tokens, trace};
+use crate::{events, proxy, tokens, trace, validate};
 
 /// The API a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +83,17 @@ impl Surface {
             Surface::Embeddings => "/v1/embeddings",
             Surface::Messages => "/v1/messages",
             Surface::Responses => "/v1/responses",
+        }
+    }
+
+    /// The table its body is checked against ([`crate::validate`]).
+    pub fn validated_as(self) -> validate::Api {
+        match self {
+            Surface::Chat => validate::Api::Chat,
+            Surface::Completions => validate::Api::Completions,
+            Surface::Embeddings => validate::Api::Embeddings,
+            Surface::Messages => validate::Api::Messages,
+            Surface::Responses => validate::Api::Responses,
         }
     }
 
@@ -204,8 +215,10 @@ pub fn record_request(app: &App, traceparent: &str, event: RequestEvent) {
     events::emit(app, &Event::Request(event), traceparent);
 }
 
-/// Reads the body within the size limit.
-pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, GatewayError> {
+/// Reads the body within the size limit (413) and the body read timeout
+/// (408): a body that trickles in must not hold a connection for ever.
+pub async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, GatewayError> {
+    let max = app.config.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -213,7 +226,14 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<By
     if declared.is_some_and(|len| len > max) {
         return Err(GatewayError::PayloadTooLarge(max));
     }
-    axum::body::to_bytes(body, max).await.map_err(|e| {
+    let limit_ms = app.config.server.body_read_timeout_ms;
+    let read = tokio::time::timeout(
+        Duration::from_millis(limit_ms),
+        axum::body::to_bytes(body, max),
+    )
+    .await
+    .map_err(|_| GatewayError::BodyTimeout(limit_ms))?;
+    read.map_err(|e| {
         let e = e.into_inner();
         if e.is::<http_body_util::LengthLimitError>() {
             GatewayError::PayloadTooLarge(max)
@@ -240,7 +260,7 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, GatewayError> {
 
 /// Authenticates (401 when missing or unusable).
 pub async fn authenticate(app: &App, headers: &HeaderMap) -> Result<Arc<KeyRecord>, GatewayError> {
-    let secret = presented_secret(headers).ok_or(GatewayError::MissingKey)?;
+    let secret = presented_secret(headers)?.ok_or(GatewayError::MissingKey)?;
     app.keys.authenticate(secret).await
 }
 
@@ -269,91 +289,6 @@ pub fn model_of(req: &Map<String, Value>) -> Result<String, GatewayError> {
             Some("model"),
         )),
     }
-}
-
-fn bad(message: impl Into<String>, param: &'static str) -> GatewayError {
-    GatewayError::bad_request(message, Some(param))
-}
-
-/// Checks what the gateway itself relies on; the upstream checks the rest.
-/// Returns whether the request streams.
-fn validate(surface: Surface, req: &Map<String, Value>) -> Result<bool, GatewayError> {
-    match surface {
-        Surface::Chat | Surface::Messages => match req.get("messages") {
-            Some(Value::Array(a)) if !a.is_empty() => {
-                if a.iter().any(|m| !m.is_object()) {
-                    return Err(bad("each message must be an object", "messages"));
-                }
-            }
-            Some(Value::Array(_)) => {
-                return Err(bad(
-                    "'messages' must contain at least one message",
-                    "messages",
-                ));
-            }
-            Some(_) => return Err(bad("'messages' must be an array", "messages")),
-            None => return Err(bad("you must provide 'messages'", "messages")),
-        },
-        Surface::Completions => match req.get("prompt") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            Some(_) => return Err(bad("'prompt' must be a string or an array", "prompt")),
-            None => return Err(bad("you must provide 'prompt'", "prompt")),
-        },
-        Surface::Embeddings | Surface::Responses => match req.get("input") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            Some(_) => return Err(bad("'input' must be a string or an array", "input")),
-            None => return Err(bad("you must provide 'input'", "input")),
-        },
-    }
-    if surface == Surface::Messages && !req.get("max_tokens").is_some_and(Value::is_u64) {
-        return Err(bad(
-            "max_tokens: Field required (a positive integer)",
-            "max_tokens",
-        ));
-    }
-    for field in ["max_tokens", "max_completion_tokens", "n"] {
-        if req.get(field).is_some_and(|v| !(v.is_null() || v.is_u64())) {
-            return Err(bad(
-                format!("'{field}' must be a non-negative integer"),
-                "max_tokens",
-            ));
-        }
-    }
-    if req
-        .get("temperature")
-        .is_some_and(|t| !(t.is_null() || t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t))))
-    {
-        return Err(bad(
-            "'temperature' must be a number between 0 and 2",
-            "temperature",
-        ));
-    }
-    let stream = match req.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("'stream' must be a boolean", "stream")),
-    };
-    if stream && surface == Surface::Embeddings {
-        return Err(bad("embeddings do not stream", "stream"));
-    }
-    match req.get("stream_options") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(o)) => {
-            if !stream {
-                return Err(bad(
-                    "'stream_options' is only allowed when 'stream' is true",
-                    "stream_options",
-                ));
-            }
-            if o.get("include_usage")
-                .is_some_and(|v| !v.is_boolean() && !v.is_null())
-            {
-                return Err(bad("'include_usage' must be a boolean", "stream_options"));
-            }
-        }
-        Some(_) => return Err(bad("'stream_options' must be an object", "stream_options")),
-    }
-    Ok(stream)
 }
 
 /// The per-request limiters and their permits, held until the response ends.
@@ -548,13 +483,13 @@ async fn serve(ctx: &mut Ctx, headers: &HeaderMap, body: Body) -> Result<Respons
     // Read the body before anything can refuse the request: a response sent
     // while the client is still writing makes the server drop the connection,
     // and a client reusing it sees a spurious connection error.
-    let bytes = read_body(headers, body, app.config.max_body_bytes).await?;
+    let bytes = read_body(&app, headers, body).await?;
     let key = authenticate(&app, headers).await?;
     ctx.key = Some(key.clone());
     let req = parse_object(&bytes)?;
+    ctx.model = req.get("model").and_then(Value::as_str).map(str::to_owned);
+    let stream = validate::check(ctx.surface.validated_as(), &req)?.stream;
     let model = model_of(&req)?;
-    ctx.model = Some(model.clone());
-    let stream = validate(ctx.surface, &req)?;
     ctx.streamed = stream;
     resolve_model(&app, &key, &model)?;
     app.quotas.check(&key)?;

@@ -13,6 +13,10 @@ use tollgate_schemas::events::{Event, EventKind, UsageEvent};
 use tollgate_tests::harness::TestEnv;
 use tollgate_tests::stack::{self, Service};
 
+/// The HTTP surface's tests (431s, bad paths, invalid parameters, two
+/// credentials, slow clients), in this binary to save a link.
+mod gateway_surface;
+
 struct Fixture {
     env: TestEnv,
     _mock: Service,
