@@ -92,7 +92,7 @@ pub async fn build(config: Config) -> anyhow::Result<Started> {
     let cache = StateCache::new(&config.data_dir);
     let js = jsbus.jetstream();
     let (streams, keys, quotas, prices) = tokio::join!(
-        tokio::time::timeout(NATS_AT_START, jsbus.ensure_streams(settings.clone())),
+        tokio::time::timeout(NATS_AT_START, jsbus.ensure_streams(settings)),
         KeyStore::open(js, &names.kv_keys, NATS_AT_START),
         Quotas::open(js, &names.kv_quota, NATS_AT_START, cache.quota()),
         PriceFeed::open(
@@ -142,6 +142,23 @@ pub async fn build(config: Config) -> anyhow::Result<Started> {
         Some(on_ack),
     )
     .await?;
+    // Usage a previous run produced and the bus never acknowledged is spend
+    // billing has not seen: the local debit must hold it again.
+    if publisher.spool_depth() > 0 {
+        let (names, quotas) = (names.clone(), quotas.clone());
+        publisher
+            .for_each_unacknowledged(move |msg| {
+                if names.kind_of_subject(&msg.subject) != Some(EventKind::Usage) {
+                    return;
+                }
+                if let Ok(tollgate_schemas::Event::Usage(u)) =
+                    tollgate_schemas::Event::from_json(&msg.payload)
+                {
+                    quotas.debit_ids(&u.meta.tenant_id, &u.meta.key_id, &msg.id, u.cost);
+                }
+            })
+            .await?;
+    }
     // Rendered from the start, not only once something was spooled.
     metrics::gauge!("tollgate_gateway_spool_events").set(publisher.spool_depth() as f64);
     metrics::gauge!("tollgate_gateway_spool_bytes").set(publisher.spool_bytes() as f64);
@@ -174,7 +191,7 @@ async fn ensure_streams_when_up(
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match bus.ensure_streams(settings.clone()).await {
+        match bus.ensure_streams(settings).await {
             Ok(()) => {
                 tracing::info!("NATS answered: events streams ready");
                 return;
@@ -283,7 +300,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 async fn readyz(State(app): State<App>) -> Response {
     let bus = tokio::time::timeout(Duration::from_secs(1), app.bus.ready())
         .await
-        .map_or(false, |r| r.is_ok());
+        .is_ok_and(|r| r.is_ok());
     let publisher = &app.publisher;
     let keys_open = app.keys.bucket_open();
     let cached_keys = app.keys.cached_count();

@@ -337,15 +337,18 @@ impl Quotas {
     /// ledgers (those with a limited snapshot), position unknown until the bus
     /// acknowledges the event.
     pub fn debit(&self, key: &KeyRecord, event_id: &str, cost: Decimal) {
+        self.debit_ids(&key.tenant_id, &key.key_id, event_id, cost);
+    }
+
+    /// [`Quotas::debit`] by tenant and key id (a restart re-debits the usage
+    /// events its spool still holds, which billing has not priced).
+    pub fn debit_ids(&self, tenant_id: &str, key_id: &str, event_id: &str, cost: Decimal) {
         if cost.is_zero() {
             return;
         }
         let mut holders = Vec::new();
         let id: Arc<str> = Arc::from(event_id);
-        for (scope, owner) in [
-            (QuotaScope::Tenant, key.tenant_id.as_str()),
-            (QuotaScope::Key, key.key_id.as_str()),
-        ] {
+        for (scope, owner) in [(QuotaScope::Tenant, tenant_id), (QuotaScope::Key, key_id)] {
             if let Some(t) = self.inner.tracked.get(&quota_key(scope, owner)) {
                 let mut guard = t.lock();
                 if guard.limited() {

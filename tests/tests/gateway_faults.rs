@@ -116,27 +116,12 @@ impl GatewayBin {
     fn new(dir: &std::path::Path, nats: &NatsServer, env: &TestEnv, mock: &str) -> Self {
         let port = free_port().unwrap();
         let config = dir.join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"listen = "127.0.0.1:{port}"
-data_dir = "{data}"
-[nats]
-url = "{nats}"
-namespace = "{ns}"
-[[models]]
-name = "mock-gpt"
-[[models.deployments]]
-name = "mock-openai"
-provider = "openai"
-base_url = "{mock}/v1"
-"#,
-                data = dir.join("data").display(),
-                nats = nats.url(),
-                ns = env.id,
-            ),
-        )
-        .unwrap();
+        let text = stack::gateway_config_text(env, &nats.url(), mock, &dir.join("data"), "")
+            .replace(
+                r#"listen = "127.0.0.1:0""#,
+                &format!(r#"listen = "127.0.0.1:{port}""#),
+            );
+        std::fs::write(&config, text).unwrap();
         Self {
             config,
             base: format!("http://127.0.0.1:{port}"),
@@ -428,6 +413,84 @@ async fn gateway_starts_and_serves_while_nats_is_down() {
     }
     assert!(ok, "a new key authenticates once the keys bucket is open");
     drop(child);
+}
+
+/// A gateway killed while its usage events were still in the spool (NATS
+/// frozen, so billing never saw them) must not forget that spend when it
+/// restarts: it re-debits what its spool holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_still_counts_the_spend_in_its_spool() {
+    use rust_decimal::Decimal;
+    use tollgate_schemas::records::{QuotaLevel, QuotaScope, QuotaState};
+    let env = TestEnv::new();
+    let nats = NatsServer::start().unwrap();
+    let mock = stack::start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = GatewayBin::new(dir.path(), &nats, &env, &mock.url());
+    stack::put_key(&nats.url(), &env, "tg_spent", stack::key("acme", "k1")).await;
+    // About three requests' worth of credit (one costs about 0.000011 USD).
+    stack::put_quota(
+        &nats.url(),
+        &env,
+        &QuotaState {
+            scope: QuotaScope::Tenant,
+            id: "acme".into(),
+            tenant_id: "acme".into(),
+            state: QuotaLevel::Ok,
+            remaining: Some(Decimal::new(30, 6)),
+            limit: None,
+            threshold: None,
+            version: 1,
+            priced_seq: 0,
+            updated_at: chrono::Utc::now(),
+        },
+    )
+    .await;
+    let mut child = gw.spawn();
+    gw.wait_up().await;
+    assert_eq!(
+        gw.chat("tg_spent").await.status(),
+        200,
+        "warms the key cache"
+    );
+    // The state cache (keys, quota) is on disk within its write interval.
+    let state = dir.path().join("data/state");
+    let cached = |file: &str, what: &str| {
+        std::fs::read_to_string(state.join(file)).is_ok_and(|s| s.contains(what))
+    };
+    for _ in 0..150 {
+        if cached("quota.json", "acme") && cached("keys.json", "k1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cached("keys.json", "k1"), "the key is in the state cache");
+    nats.freeze().unwrap();
+    let mut admitted = 1;
+    loop {
+        let r = gw.chat("tg_spent").await;
+        if r.status() == 429 {
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        admitted += 1;
+        assert!(
+            admitted < 20,
+            "the local debit refuses once the credit is spent"
+        );
+    }
+    child.0.kill().unwrap(); // no drain: the usage is only in the spool
+    child.0.wait().unwrap();
+    let child = gw.spawn();
+    gw.wait_up().await;
+    let r = gw.chat("tg_spent").await;
+    assert_eq!(
+        r.status(),
+        429,
+        "after {admitted} admitted requests and a restart, the spend in the spool still counts"
+    );
+    drop(child);
+    nats.thaw().unwrap();
 }
 
 fn gateway_bin() -> std::path::PathBuf {

@@ -357,6 +357,19 @@ impl Publisher {
         self.inner.state.bus_healthy()
     }
 
+    /// Calls `f` with every event in the spool not yet acknowledged (what a
+    /// previous run left, at start-up): the gateway re-debits the usage it
+    /// holds, which billing has not seen. Reads the disk; not for hot paths.
+    pub async fn for_each_unacknowledged(
+        &self,
+        f: impl FnMut(Outgoing) + Send + 'static,
+    ) -> io::Result<()> {
+        let spool = Arc::clone(&self.inner.spool);
+        tokio::task::spawn_blocking(move || lock(&spool).scan(f))
+            .await
+            .map_err(io::Error::other)?
+    }
+
     /// Events parked in `rejected/rejected.jsonl`, waiting for an operator.
     pub fn rejected_events(&self) -> u64 {
         self.inner.state.rejected.load(Ordering::Relaxed)

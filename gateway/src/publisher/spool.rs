@@ -396,6 +396,29 @@ impl Spool {
         Ok(out)
     }
 
+    /// Calls `f` with every decodable event after the cursor, oldest first,
+    /// reading the files on its own (the worker's reader is not moved).
+    pub fn scan(&self, mut f: impl FnMut(Outgoing)) -> io::Result<()> {
+        let mut line = Vec::new();
+        for segment in &self.segments {
+            let mut file = File::open(segment_path(&self.dir, segment.id))?;
+            if segment.id == self.cursor.segment {
+                file.seek(SeekFrom::Start(self.cursor.offset))?;
+            }
+            let mut reader = BufReader::with_capacity(256 * 1024, file);
+            loop {
+                line.clear();
+                if reader.read_until(b'\n', &mut line)? == 0 {
+                    break;
+                }
+                if let Ok(msg) = decode(line.strip_suffix(b"\n").unwrap_or(&line)) {
+                    f(msg);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Marks everything before `end` acknowledged (`events` lines of it since
     /// the cursor), persists the cursor, then deletes finished segments.
     pub fn commit(&mut self, end: Pos, events: u64) {
