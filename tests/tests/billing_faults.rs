@@ -3,6 +3,9 @@
 //! process, so a kill is a real one); the gateway, the meter and the mock
 //! upstream run in this process.
 //!
+//! ClickHouse, in the outage test, is the test's own server, killed with
+//! `kill -9` and started again on the same data.
+//!
 //! What they try to break (issue 16, defect 3): the quota marker
 //! `priced_seq` a gateway trusts must never pass a usage event billing has
 //! not priced, or the gateway drops its local debit for an event nobody
@@ -183,10 +186,15 @@ impl Stack {
 
     /// A prepaid tenant with a key; returns the secret.
     async fn prepaid_tenant(&self, id: &str) -> String {
+        self.tenant(id, "prepaid").await
+    }
+
+    /// A tenant with a key; returns the secret.
+    async fn tenant(&self, id: &str, billing: &str) -> String {
         self.admin(
             reqwest::Method::POST,
             "/admin/tenants",
-            Some(json!({"id": id, "billing": "prepaid"})),
+            Some(json!({"id": id, "billing": billing})),
         )
         .await;
         let k = self
@@ -286,6 +294,8 @@ struct Load {
     others: Mutex<Vec<String>>,
     refused_once: AtomicBool,
     stop: AtomicBool,
+    /// Each client's pause after a 200 (none: as fast as it can).
+    pause: Duration,
 }
 
 impl Load {
@@ -295,7 +305,7 @@ impl Load {
 }
 
 /// `CLIENTS` clients that keep asking (a refused one waits 25 ms and asks
-/// again) until `load.stop`.
+/// again, a served one `load.pause`) until `load.stop`.
 fn spawn_clients(s: &Stack, secret: &str, load: &Arc<Load>) -> Vec<tokio::task::JoinHandle<()>> {
     (0..CLIENTS)
         .map(|_| {
@@ -314,6 +324,9 @@ fn spawn_clients(s: &Stack, secret: &str, load: &Arc<Load>) -> Vec<tokio::task::
                                 load.admitted_after_refusal.fetch_add(1, Ordering::Relaxed);
                             }
                             load.served.lock().unwrap().push((rid, cost));
+                            if !load.pause.is_zero() {
+                                tokio::time::sleep(load.pause).await;
+                            }
                         }
                         Answer::Refused => {
                             load.refused_once.store(true, Ordering::Relaxed);
@@ -566,14 +579,53 @@ fn assert_overspend_within_bound(granted: Decimal, load: &Load) -> Decimal {
     overspend
 }
 
-/// Calibrates one request's cost, then grants `requests` of them; returns
-/// what was granted in all.
-async fn fund(s: &Stack, tenant: &str, secret: &str, requests: i64) -> (Decimal, (String, Decimal)) {
+/// Calibrates one request's cost, then grants enough for `secs` of the
+/// clients' traffic (measured on a postpaid tenant first: this machine's
+/// rate varies tenfold with its load), so that the credit outlasts a fault
+/// and spending goes on after it; returns what was granted in all.
+async fn fund(
+    s: &Stack,
+    tenant: &str,
+    secret: &str,
+    secs: u64,
+    pause: Duration,
+) -> (Decimal, (String, Decimal)) {
+    let warm = s.tenant("warmup", "postpaid").await;
+    let _ = await_admitted(s, &warm).await;
+    let load = Arc::new(Load {
+        pause,
+        ..Load::default()
+    });
+    let clients = spawn_clients(s, &warm, &load);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let rate = load.served.lock().unwrap().len() as i64;
     s.grant(tenant, Decimal::new(1, 2)).await;
     let first = await_admitted(s, secret).await;
+    let requests = (rate * i64::try_from(secs).unwrap()).max(300);
+    println!("{rate} requests/s with {CLIENTS} clients: credit for {requests}");
     let more = first.1 * Decimal::from(requests);
     s.grant(tenant, more).await;
     (Decimal::new(1, 2) + more, first)
+}
+
+/// After a fault is over: keeps the clients going until they have run into
+/// zero, and for a while after (at least `after_recovery` since `recovered`),
+/// so that the time a fault's leftovers take to come back is covered.
+async fn run_into_zero(load: &Load, recovered: Instant, after_recovery: Duration) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while load.refused.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the clients did not run into zero within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let until = (Instant::now() + Duration::from_secs(3)).max(recovered + after_recovery);
+    tokio::time::sleep_until(until).await;
 }
 
 async fn wait_spent(load: &Load, at_least: Decimal, within: Duration) {
@@ -595,29 +647,36 @@ async fn kill_9_of_billing_under_prepaid_traffic_never_forgets_spend() {
     let mut s = Stack::start(env, ch_url, db).await;
     let tenant = "crash";
     let secret = s.prepaid_tenant(tenant).await;
-    let (granted, first) = fund(&s, tenant, &secret, 200).await;
+    // Enough credit to outlast the fault, so that spending goes on after
+    // billing is back while what the dead process held is not priced yet.
+    let (granted, first) = fund(&s, tenant, &secret, 12, Duration::ZERO).await;
     let load = Arc::new(Load::default());
     load.served.lock().unwrap().push(first);
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let sampler = spawn_sampler(&s, tenant, stop_sampling.clone());
     let clients = spawn_clients(&s, &secret, &load);
 
-    // Kill billing with a third of the credit spent: what it had fetched
+    // Kill billing with a twentieth of the credit spent: what it had fetched
     // and not acknowledged (and what its client had prefetched) stays with
     // the dead process until ack_wait.
-    wait_spent(&load, granted / Decimal::from(3), Duration::from_secs(60)).await;
+    wait_spent(&load, granted / Decimal::from(20), Duration::from_secs(60)).await;
     let killed_at = Instant::now();
     s.kill9_billing();
     let spent_at_kill = load.spent();
     tokio::time::sleep(Duration::from_secs(2)).await;
     s.start_billing().await;
+    let spent_at_recovery = load.spent();
     println!(
-        "billing killed with {spent_at_kill} of {granted} spent, back after {:?}",
+        "billing killed with {spent_at_kill} of {granted} spent, back after {:?} with {spent_at_recovery} spent",
         killed_at.elapsed()
+    );
+    assert!(
+        spent_at_recovery < granted,
+        "the credit ran out while billing was down; spending after it is not tested"
     );
     // Long enough for the dead process's messages to come back (ack_wait
     // 5 s) and for the clients to run into zero.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    run_into_zero(&load, Instant::now(), Duration::from_secs(10)).await;
     load.stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
@@ -626,12 +685,12 @@ async fn kill_9_of_billing_under_prepaid_traffic_never_forgets_spend() {
         load.refused.load(Ordering::Relaxed) > 0,
         "the clients never reached zero; the test proves nothing"
     );
-    let overspend = assert_overspend_within_bound(granted, &load);
-    assert_settled(&s, tenant, granted, &load).await;
     stop_sampling.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let usage = usage_positions(&s.env, tenant).await;
     assert_marker_never_passed_an_unpriced_event(&samples, &usage);
+    let overspend = assert_overspend_within_bound(granted, &load);
+    assert_settled(&s, tenant, granted, &load).await;
     println!("kill -9 of billing: overspend {overspend}, every 200 priced once");
     if let Some(m) = s.meter.take() {
         m.shutdown().await;
@@ -648,23 +707,32 @@ async fn clickhouse_outage_under_prepaid_traffic_never_forgets_spend() {
     let s = Stack::start(env, clickhouse.http_url(), "tollgate".into()).await;
     let tenant = "outage";
     let secret = s.prepaid_tenant(tenant).await;
-    let (granted, first) = fund(&s, tenant, &secret, 200).await;
-    let load = Arc::new(Load::default());
+    // Enough credit to outlast the outage, so that spending goes on after
+    // ClickHouse is back while what failed during it is not priced yet.
+    // Paced clients: what arrives during the outage stays below billing's
+    // in-flight limit (4 batches), so a billing that skipped a failed batch
+    // would go on to price later ones, which is what this must catch.
+    let pause = Duration::from_millis(20);
+    let (granted, first) = fund(&s, tenant, &secret, 15, pause).await;
+    let load = Arc::new(Load {
+        pause,
+        ..Load::default()
+    });
     load.served.lock().unwrap().push(first);
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let sampler = spawn_sampler(&s, tenant, stop_sampling.clone());
     let clients = spawn_clients(&s, &secret, &load);
 
-    wait_spent(&load, granted / Decimal::from(3), Duration::from_secs(60)).await;
+    wait_spent(&load, granted / Decimal::from(20), Duration::from_secs(60)).await;
     let spent_at_stop = load.spent();
+    let down_at = Instant::now();
     clickhouse = tokio::task::spawn_blocking(move || {
-        clickhouse.stop();
+        clickhouse.kill9();
         clickhouse
     })
     .await
     .unwrap();
-    let down_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     clickhouse = tokio::task::spawn_blocking(move || {
         clickhouse.restart().unwrap();
         clickhouse
@@ -672,10 +740,19 @@ async fn clickhouse_outage_under_prepaid_traffic_never_forgets_spend() {
     .await
     .unwrap();
     println!(
-        "ClickHouse down for {:?} with {spent_at_stop} of {granted} spent",
+        "ClickHouse killed (-9) and back after {:?}, with {spent_at_stop} of {granted} spent at the kill",
         down_at.elapsed()
     );
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    let spent_at_recovery = load.spent();
+    assert!(
+        spent_at_recovery < granted,
+        "the credit ran out during the outage; spending after it is not tested"
+    );
+    run_into_zero(&load, Instant::now(), Duration::from_secs(10)).await;
+    println!(
+        "{spent_at_recovery} spent when ClickHouse was back, {} at the end",
+        load.spent()
+    );
     load.stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
@@ -684,8 +761,6 @@ async fn clickhouse_outage_under_prepaid_traffic_never_forgets_spend() {
         load.refused.load(Ordering::Relaxed) > 0,
         "the clients never reached zero; the test proves nothing"
     );
-    let overspend = assert_overspend_within_bound(granted, &load);
-    assert_settled(&s, tenant, granted, &load).await;
     stop_sampling.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let down = samples.markers.iter().filter(|(_, ok)| !ok).count();
@@ -693,6 +768,8 @@ async fn clickhouse_outage_under_prepaid_traffic_never_forgets_spend() {
     assert!(down > 0, "no sample fell in the outage");
     let usage = usage_positions(&s.env, tenant).await;
     assert_marker_never_passed_an_unpriced_event(&samples, &usage);
+    let overspend = assert_overspend_within_bound(granted, &load);
+    assert_settled(&s, tenant, granted, &load).await;
     println!("ClickHouse outage: overspend {overspend}, every 200 priced once");
     let mut s = s;
     if let Some(m) = s.meter.take() {
