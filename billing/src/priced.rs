@@ -98,10 +98,7 @@ impl Priced {
         if seq == 0 {
             return;
         }
-        self.lanes
-            .entry(lane_of(position))
-            .or_default()
-            .handle(seq);
+        self.lanes.entry(lane_of(position)).or_default().handle(seq);
     }
 
     /// Everything at or below each position of `floors` (indexed by lane, as
@@ -244,7 +241,12 @@ mod tests {
         p.handled(position(1, 2));
         assert!(p.covers(&[position(0, 5), position(1, 3), position(2, 5)]));
         // An empty lane needs nothing.
-        assert!(p.covers(&[position(0, 5), position(1, 3), position(2, 5), position(3, 0)]));
+        assert!(p.covers(&[
+            position(0, 5),
+            position(1, 3),
+            position(2, 5),
+            position(3, 0)
+        ]));
         p.raise(&[position(0, 2), position(1, 9)]);
         assert_eq!(p.floor(0), position(0, 5));
         assert_eq!(p.floor(1), position(1, 9));

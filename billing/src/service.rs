@@ -175,7 +175,8 @@ impl State {
             return;
         }
         self.priced.raise(&[position]);
-        self.tenant_lane.insert(tenant.to_owned(), lane_of(position));
+        self.tenant_lane
+            .insert(tenant.to_owned(), lane_of(position));
     }
 
     /// Records that billing is done with the one message at `position`, an
@@ -185,7 +186,8 @@ impl State {
             return;
         }
         self.priced.handled(position);
-        self.tenant_lane.insert(tenant.to_owned(), lane_of(position));
+        self.tenant_lane
+            .insert(tenant.to_owned(), lane_of(position));
     }
 
     /// The highest marker of any lane; for display and the gauge.
@@ -1520,7 +1522,10 @@ async fn heartbeat(tokens: &[tollgate_schemas::bus::CommitToken]) {
 async fn release(c: &mut dyn EventConsumer, tokens: Vec<tollgate_schemas::bus::CommitToken>) {
     let n = tokens.len();
     match c.release(tokens).await {
-        Ok(()) => tracing::info!(messages = n, "released unpriced messages for prompt redelivery"),
+        Ok(()) => tracing::info!(
+            messages = n,
+            "released unpriced messages for prompt redelivery"
+        ),
         Err(e) => {
             tracing::warn!(error = %e, messages = n, "releasing failed; they come back after ack_wait")
         }
@@ -1587,7 +1592,10 @@ mod tests {
         st.handled("acme", 5);
         st.handled("acme", 4);
         assert_eq!(st.priced_for("acme"), 5);
-        assert!(st.caught_up().0.is_empty(), "acme's event at 8 is still above the marker");
+        assert!(
+            st.caught_up().0.is_empty(),
+            "acme's event at 8 is still above the marker"
+        );
         st.handled("acme", 6);
         assert_eq!(st.priced_for("acme"), 10);
         assert!(st.priced_all(&[10]));

@@ -555,8 +555,13 @@ impl Consume<'_> {
             return;
         }
         match self.consumer.release(tokens).await {
-            Ok(()) => tracing::info!(messages = n, "released uncommitted messages for prompt redelivery"),
-            Err(e) => tracing::warn!(error = %e, messages = n, "release failed; they come back after ack_wait"),
+            Ok(()) => tracing::info!(
+                messages = n,
+                "released uncommitted messages for prompt redelivery"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, messages = n, "release failed; they come back after ack_wait")
+            }
         }
     }
 
@@ -707,12 +712,17 @@ async fn insert_loop(
         while running.len() < INSERT_CONCURRENCY
             && let Some(batch) = queued.pop_front()
         {
-            let (ch, cancel, stats, give_up_at) =
-                (ch.clone(), cancel.clone(), stats.clone(), give_up_at.clone());
+            let (ch, cancel, stats, give_up_at) = (
+                ch.clone(),
+                cancel.clone(),
+                stats.clone(),
+                give_up_at.clone(),
+            );
             running.spawn(async move {
                 let span = insert_span(&batch);
                 let inserted = {
-                    let work = insert_with_retry(&ch, &batch, &cancel, &give_up_at).instrument(span);
+                    let work =
+                        insert_with_retry(&ch, &batch, &cancel, &give_up_at).instrument(span);
                     tokio::pin!(work);
                     let mut ticker = tokio::time::interval_at(Instant::now() + beat, beat);
                     loop {
@@ -725,9 +735,14 @@ async fn insert_loop(
                 if !inserted {
                     return Done::Abandoned(batch.tokens);
                 }
-                stats.inserted.fetch_add(batch.rows() as u64, Ordering::Relaxed);
+                stats
+                    .inserted
+                    .fetch_add(batch.rows() as u64, Ordering::Relaxed);
                 if let Some(delay) = ack_delay {
-                    tracing::info!(messages = batch.messages(), "fault injection: inserted, pausing before commit");
+                    tracing::info!(
+                        messages = batch.messages(),
+                        "fault injection: inserted, pausing before commit"
+                    );
                     tokio::time::sleep(delay).await;
                 }
                 Done::Inserted(Inserted {

@@ -134,7 +134,10 @@ impl Stack {
     /// Starts the billing binary and waits until it answers.
     async fn start_billing(&mut self) {
         self.billings += 1;
-        let log = self.dir.path().join(format!("billing-{}.log", self.billings));
+        let log = self
+            .dir
+            .path()
+            .join(format!("billing-{}.log", self.billings));
         let mut child = MeterProcess::spawn_program(
             &bin("tollgate-billing"),
             &self.dir.path().join("billing.toml"),
@@ -334,7 +337,10 @@ fn spawn_clients(s: &Stack, secret: &str, load: &Arc<Load>) -> Vec<tokio::task::
                             tokio::time::sleep(Duration::from_millis(25)).await;
                         }
                         Answer::Other(status, body) => {
-                            load.others.lock().unwrap().push(format!("{status}: {body}"));
+                            load.others
+                                .lock()
+                                .unwrap()
+                                .push(format!("{status}: {body}"));
                             tokio::time::sleep(Duration::from_millis(25)).await;
                         }
                     }
@@ -575,7 +581,11 @@ fn assert_overspend_within_bound(granted: Decimal, load: &Load) -> Decimal {
         "overspend {overspend} exceeds {CLIENTS} × {max}"
     );
     let others = load.others.lock().unwrap();
-    assert!(others.is_empty(), "unexpected answers: {:?}", &others[..others.len().min(5)]);
+    assert!(
+        others.is_empty(),
+        "unexpected answers: {:?}",
+        &others[..others.len().min(5)]
+    );
     overspend
 }
 

@@ -222,10 +222,14 @@ async fn kill_9_mid_work_the_next_meter_stores_everything_within_seconds() {
     const N: u64 = 2_000;
     let events: Vec<Event> = (0..N).map(usage_event).collect();
     let load = spawn_load(&bus, &env.names, &events, Duration::from_millis(40));
-    wait_until(Duration::from_secs(30), "the first meter storing events", || {
-        let ch = ch.clone();
-        async move { count(&ch, "SELECT count() FROM usage").await > 0 }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the first meter storing events",
+        || {
+            let ch = ch.clone();
+            async move { count(&ch, "SELECT count() FROM usage").await > 0 }
+        },
+    )
     .await;
     tokio::time::timeout(Duration::from_secs(30), load)
         .await
