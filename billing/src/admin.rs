@@ -594,7 +594,7 @@ async fn balance_json(b: &Billing, tenant: &str) -> ApiResult<Value> {
         "limit": q.and_then(|q| q.limit).map(|r| r.to_string()),
         "monthly_limit": t.monthly_limit.map(|d| d.to_string()),
         "month_spend": st.month_spend.get(tenant).copied().unwrap_or_default().to_string(),
-        "priced_seq": st.priced_seq,
+        "priced_seq": st.priced_for(tenant),
     }))
 }
 

@@ -23,6 +23,9 @@
 //!
 //! [consumer]
 //! durable = "tollgate-billing"
+//! max_batch = 1000              # events priced per batch
+//! max_wait_ms = 200             # how long a fetch waits for a batch to fill
+//! ack_wait_secs = 5             # what a crashed billing held is redelivered after this
 //!
 //! [webhooks]
 //! allow_private = false       # refuse private and loopback destinations
@@ -101,7 +104,8 @@ pub struct ClickHouseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
-    /// Billing's durable consumer of usage events. Billing is one process:
+    /// Billing's durable consumer of events (every kind: see
+    /// [`crate::priced`]). Billing is one process:
     /// the ledger has a single writer (see the crate docs).
     #[serde(default = "default_durable")]
     pub durable: String,
@@ -109,6 +113,12 @@ pub struct ConsumerConfig {
     pub max_batch: usize,
     #[serde(default = "default_wait_ms")]
     pub max_wait_ms: u64,
+    /// How long a delivered, unacknowledged event waits before the bus
+    /// hands it out again. Short, because that is how long a crashed
+    /// billing's batch stays unpriced (and the quota marker held below it);
+    /// a batch that takes longer is kept with in-progress heartbeats.
+    #[serde(default = "default_ack_wait_secs")]
+    pub ack_wait_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +186,9 @@ fn default_batch() -> usize {
 fn default_wait_ms() -> u64 {
     200
 }
+fn default_ack_wait_secs() -> u64 {
+    5
+}
 fn default_webhook_timeout() -> u64 {
     10
 }
@@ -215,6 +228,7 @@ impl Default for ConsumerConfig {
             durable: default_durable(),
             max_batch: default_batch(),
             max_wait_ms: default_wait_ms(),
+            ack_wait_secs: default_ack_wait_secs(),
         }
     }
 }
@@ -295,7 +309,21 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("prices.models.{model}: {e}"))?;
         }
         anyhow::ensure!(self.tick_ms > 0, "tick_ms must be positive");
+        anyhow::ensure!(
+            self.consumer.max_batch > 0,
+            "consumer.max_batch must be positive"
+        );
+        anyhow::ensure!(
+            self.consumer.ack_wait_secs > 0
+                && self.consumer.ack_wait_secs * 1000 > self.consumer.max_wait_ms,
+            "consumer.ack_wait_secs must be at least 1 and longer than consumer.max_wait_ms"
+        );
         Ok(())
+    }
+
+    /// The consumer's `ack_wait`.
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.consumer.ack_wait_secs)
     }
 
     /// The master key, from `admin_key` or the file `admin_key_file`.

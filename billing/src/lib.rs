@@ -5,6 +5,7 @@
 //! - [`ledger`]: credit grants and their burn-down, pure.
 //! - [`invoice`]: invoice lines, the rounding rule and totals, pure.
 //! - [`quota`]: quota levels and the webhook crossings, pure.
+//! - [`priced`]: the contiguous "priced up to" marker gateways trust, pure.
 //! - [`webhooks`]: endpoints, the durable delivery queue and the worker.
 //! - [`admin`]: the admin and tenant HTTP APIs; [`app`]: the lifecycle.
 //! - [`trace`]: the pricing spans, linked to the events' traces.
@@ -15,6 +16,7 @@ pub mod app;
 pub mod config;
 pub mod invoice;
 pub mod ledger;
+pub mod priced;
 pub mod quota;
 pub mod service;
 pub mod store;

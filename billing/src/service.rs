@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Names;
 use tollgate_schemas::bus::{
     ConsumerSpec, Delivery, EventBus, EventConsumer, JetStreamBus, StartFrom, StreamSettings,
-    lane_of,
+    in_progress, lane_of,
 };
 use tollgate_schemas::events::{Event, EventKind, UsageEvent};
 use tollgate_schemas::money::to_ch_decimal;
@@ -48,6 +48,7 @@ use tollgate_schemas::records::{
 use crate::config::Config;
 use crate::invoice::{self, PricedUsage};
 use crate::ledger::{Grant, TenantLedger};
+use crate::priced::Priced;
 use crate::quota;
 use crate::store::{
     self, BillingMode, Invoice, InvoiceLineRow, InvoiceRow, InvoiceStatus, KIND_DEBIT, KIND_EXPIRY,
@@ -75,13 +76,22 @@ pub struct State {
     /// Last snapshot written per quota key.
     pub quota: HashMap<String, QuotaState>,
     pub invoices: BTreeMap<String, Invoice>,
-    /// The highest event position priced (any lane); for display.
-    pub priced_seq: u64,
-    /// Per lane (Kafka partition; JetStream has only lane 0): every usage
-    /// event up to this position has been priced. See [`State::priced_for`].
-    pub priced_lanes: BTreeMap<u32, u64>,
+    /// Per lane (Kafka partition; JetStream has only lane 0): every event
+    /// up to this position has been handled (usage priced, other kinds
+    /// skipped), contiguously. See [`crate::priced`] and [`State::priced_for`].
+    pub priced: Priced,
     /// The lane each tenant's events travel in (events are keyed by tenant).
     pub tenant_lane: HashMap<String, u32>,
+    /// Tenants and keys whose last snapshot's `priced_seq` is below one of
+    /// their events that billing has priced (a hole below it held the marker
+    /// back): by tenant or key id, the highest such position. Their snapshots
+    /// are rewritten once the marker passes it, or a gateway would keep
+    /// counting those events on top of billing's figure.
+    pub behind_tenants: HashMap<String, u64>,
+    pub behind_keys: HashMap<String, (String, u64)>,
+    /// A ledger insert failed in a way that may have stored it anyway: the
+    /// in-memory state is rebuilt from ClickHouse before pricing again.
+    pub needs_reload: bool,
     pub version: u64,
 }
 
@@ -157,15 +167,32 @@ impl State {
             .find(|b| b.effective_from.is_none_or(|e| e <= at))
     }
 
-    /// Records that billing has priced up to `position`, seen for `tenant`.
+    /// Records that *everything* up to `position` of its lane is handled (a
+    /// floor from a trusted source, e.g. the bus's committed floor), and that
+    /// `tenant`'s events travel in that lane.
     pub fn observe_priced(&mut self, tenant: &str, position: u64) {
         if position == 0 {
             return;
         }
-        let lane = lane_of(position);
-        let at = self.priced_lanes.entry(lane).or_default();
-        *at = (*at).max(position);
-        self.tenant_lane.insert(tenant.to_owned(), lane);
+        self.priced.raise(&[position]);
+        self.tenant_lane
+            .insert(tenant.to_owned(), lane_of(position));
+    }
+
+    /// Records that billing is done with the one message at `position`, an
+    /// event of `tenant` (priced, found already debited, or skipped).
+    pub fn handled(&mut self, tenant: &str, position: u64) {
+        if position == 0 {
+            return;
+        }
+        self.priced.handled(position);
+        self.tenant_lane
+            .insert(tenant.to_owned(), lane_of(position));
+    }
+
+    /// The highest marker of any lane; for display and the gauge.
+    pub fn priced_seq(&self) -> u64 {
+        self.priced.max_floor()
     }
 
     /// The `priced_seq` of `tenant`'s (and its keys') quota snapshots: the
@@ -177,16 +204,48 @@ impl State {
     /// makes a gateway keep its local debit longer (errs toward refusing).
     pub fn priced_for(&self, tenant: &str) -> u64 {
         let lane = self.tenant_lane.get(tenant).copied().unwrap_or(0);
-        self.priced_lanes.get(&lane).copied().unwrap_or(0)
+        self.priced.floor(lane)
     }
 
     /// Whether every lane is priced up to `heads` (indexed by lane).
     pub fn priced_all(&self, heads: &[u64]) -> bool {
-        heads.iter().enumerate().all(|(lane, head)| {
-            let lane = u32::try_from(lane).unwrap_or(u32::MAX);
-            tollgate_schemas::bus::seq_of(*head) == 0
-                || self.priced_lanes.get(&lane).is_some_and(|p| p >= head)
-        })
+        self.priced.covers(heads)
+    }
+
+    /// Notes that `tenant` and `key` had an event at `position` in this
+    /// batch; see [`State::behind_tenants`].
+    fn note_event(&mut self, tenant: &str, key: &str, position: u64) {
+        let t = self.behind_tenants.entry(tenant.to_owned()).or_default();
+        *t = (*t).max(position);
+        let k = self
+            .behind_keys
+            .entry(key.to_owned())
+            .or_insert_with(|| (tenant.to_owned(), 0));
+        k.1 = k.1.max(position);
+    }
+
+    /// The tenants and keys in `behind_*` that the marker has now passed
+    /// (their snapshots must be rewritten); removes them.
+    fn caught_up(&mut self) -> (Vec<String>, Vec<String>) {
+        let tenants: Vec<String> = self
+            .behind_tenants
+            .iter()
+            .filter(|(t, p)| **p <= self.priced_for(t))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &tenants {
+            self.behind_tenants.remove(t);
+        }
+        let keys: Vec<String> = self
+            .behind_keys
+            .iter()
+            .filter(|(_, (t, p))| *p <= self.priced_for(t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            self.behind_keys.remove(k);
+        }
+        (tenants, keys)
     }
 
     fn roll_month(&mut self, now: DateTime<Utc>) {
@@ -251,6 +310,12 @@ impl Billing {
 
     async fn load(&self) -> anyhow::Result<()> {
         let mut st = self.state.lock().await;
+        self.load_into(&mut st).await
+    }
+
+    /// Fills `st` (a fresh state, or one carrying only the marker) from
+    /// KV, ClickHouse and the bus.
+    async fn load_into(&self, st: &mut State) -> anyhow::Result<()> {
         let now = Utc::now();
         st.month_start = month_start(now);
         for (_, book) in store::list_json::<PriceBook>(&self.kv_prices, "v.").await? {
@@ -281,9 +346,21 @@ impl Billing {
         }
         for (key, q) in store::list_json::<QuotaState>(&self.kv_quota, "").await? {
             st.version = st.version.max(q.version);
-            st.priced_seq = st.priced_seq.max(q.priced_seq);
-            st.observe_priced(&q.tenant_id, q.priced_seq);
+            // Only the lane is taken from a stored snapshot: its marker may
+            // come from a billing that advanced it past holes. The marker
+            // itself starts from the bus's committed floor (below), which
+            // never passes an event no billing has handled.
+            if q.priced_seq != 0 {
+                st.tenant_lane
+                    .insert(q.tenant_id.clone(), lane_of(q.priced_seq));
+            }
             st.quota.insert(key, q);
+        }
+        match self.bus.committed(&self.config.consumer.durable).await {
+            Ok(floors) => st.priced.raise(&floors),
+            Err(e) => {
+                tracing::warn!(error = %e, "committed floor unavailable; the marker starts lower")
+            }
         }
         // Grants are in KV first; make sure ClickHouse has every one (idempotent).
         let rows: Vec<LedgerRow> = st
@@ -384,13 +461,15 @@ impl Billing {
         }
         let tenants: Vec<String> = st.tenants.keys().cloned().collect();
         let keys: Vec<String> = st.keys.keys().cloned().collect();
-        self.refresh_quota(&mut st, &tenants, &keys, false).await?;
+        // `touched`: every snapshot is rewritten with this process's marker,
+        // so none keeps one it cannot vouch for.
+        self.refresh_quota(st, &tenants, &keys, true).await?;
         tracing::info!(
             tenants = st.tenants.len(),
             keys = st.keys.len(),
             grants = st.grants.len(),
             price_versions = st.prices.len(),
-            priced_seq = st.priced_seq,
+            priced_seq = st.priced_seq(),
             "billing state loaded"
         );
         Ok(())
@@ -410,22 +489,40 @@ impl Billing {
 
     // ---------------------------------------------------------------- pricing
 
-    /// Prices usage events until `shutdown`.
-    pub async fn run_pricing(self: Arc<Self>, shutdown: CancellationToken) {
-        let spec = ConsumerSpec {
+    /// Billing's consumer: every event kind (see [`crate::priced`] for why
+    /// not only usage), a short `ack_wait` so what a crashed billing held
+    /// comes back within seconds, and room for a few batches.
+    pub fn consumer_spec(&self) -> ConsumerSpec {
+        ConsumerSpec {
             durable: Some(self.config.consumer.durable.clone()),
-            filter: self.names.kind_filter(EventKind::Usage),
+            filter: self.names.events_filter(),
             start: StartFrom::Beginning,
-            ack_wait: Duration::from_secs(60),
+            ack_wait: self.config.ack_wait(),
             max_in_flight: self.config.consumer.max_batch * 4,
-        };
+        }
+    }
+
+    /// Prices usage events until `shutdown`.
+    ///
+    /// A batch is held until it is priced: on failure (ClickHouse down) it is
+    /// retried with backoff, never dropped and never acknowledged, with
+    /// in-progress heartbeats so that `ack_wait` does not hand it to anyone
+    /// else meanwhile. Holding it also keeps the loop from pricing later
+    /// events first. On shutdown what is held is released (nak), so the
+    /// next billing gets it at once instead of after `ack_wait`.
+    pub async fn run_pricing(self: Arc<Self>, shutdown: CancellationToken) {
+        let spec = self.consumer_spec();
         let mut backoff = Duration::from_millis(100);
         let mut consumer: Option<Box<dyn EventConsumer>> = None;
+        let mut next_floor = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             let c = match consumer.as_mut() {
                 Some(c) => c,
                 None => match self.bus.consumer(spec.clone()).await {
-                    Ok(c) => consumer.insert(c),
+                    Ok(c) => {
+                        next_floor = tokio::time::Instant::now();
+                        consumer.insert(c)
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "billing consumer unavailable; retrying");
                         tokio::select! {
@@ -437,13 +534,22 @@ impl Billing {
                     }
                 },
             };
-            let fetched = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = c.fetch(
+            // Holes nobody will fill (committed by an earlier process,
+            // removed from the stream) are closed by the bus's floor.
+            if tokio::time::Instant::now() >= next_floor {
+                if self.state.lock().await.priced.has_hole() {
+                    self.sync_committed_floor().await;
+                }
+                next_floor = tokio::time::Instant::now() + FLOOR_EVERY;
+            }
+            // Not cancelled by shutdown: a fetch returns within max_wait_ms,
+            // and what it took must be released, not dropped.
+            let fetched = c
+                .fetch(
                     self.config.consumer.max_batch,
                     Duration::from_millis(self.config.consumer.max_wait_ms),
-                ) => r,
-            };
+                )
+                .await;
             let batch = match fetched {
                 Ok(b) => b,
                 Err(e) => {
@@ -458,62 +564,163 @@ impl Billing {
             if batch.is_empty() {
                 continue;
             }
-            match self.price_batch(batch).await {
-                Ok(tokens) => {
-                    if let Err(e) = c.commit(tokens).await {
-                        tracing::warn!(error = %e, "billing ack failed; the batch will be redelivered and deduplicated");
+            let (prepared, tokens) = self.prepare(batch);
+            if shutdown.is_cancelled() {
+                release(c.as_mut(), tokens).await;
+                break;
+            }
+            let Some(tokens) = self
+                .price_held(c.as_mut(), &prepared, tokens, &spec, &shutdown)
+                .await
+            else {
+                break;
+            };
+            if let Err(e) = c.commit(tokens).await {
+                tracing::warn!(error = %e, "billing ack failed; the batch will be redelivered and deduplicated");
+            }
+        }
+        // Whatever the client took from the server and nobody fetched yet
+        // would otherwise wait for ack_wait: give it back too.
+        if let Some(c) = consumer.as_mut() {
+            for _ in 0..4 {
+                match c.fetch(spec.max_in_flight, Duration::from_millis(20)).await {
+                    Ok(b) if !b.is_empty() => {
+                        release(c.as_mut(), b.into_iter().map(|d| d.commit).collect()).await;
                     }
-                }
-                Err(e) => {
-                    // Nothing acked: the batch comes back after ack_wait and
-                    // the debits already stored are skipped.
-                    tracing::error!(error = %format!("{e:#}"), "pricing a batch failed; it will be redelivered");
-                    metrics::counter!("tollgate_billing_pricing_errors_total").increment(1);
-                    consumer = None;
-                    tokio::time::sleep(backoff).await;
+                    _ => break,
                 }
             }
         }
     }
 
-    /// Steps (1) to (6) of the module docs; returns the commit tokens.
-    async fn price_batch(
-        &self,
-        batch: Vec<Delivery>,
-    ) -> anyhow::Result<Vec<tollgate_schemas::bus::CommitToken>> {
-        let started = std::time::Instant::now();
-        let mut trace = PricingTrace::start(batch.len());
+    /// Raises the marker to the bus's committed floor and rewrites the
+    /// snapshots that were waiting for it.
+    async fn sync_committed_floor(&self) {
+        let floors = match self.bus.committed(&self.config.consumer.durable).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "committed floor unavailable");
+                return;
+            }
+        };
+        let mut st = self.state.lock().await;
+        let before = st.priced.clone();
+        st.priced.raise(&floors);
+        if st.priced == before {
+            return;
+        }
+        let (tenants, keys) = st.caught_up();
+        if let Err(e) = self.refresh_quota(&mut st, &tenants, &keys, true).await {
+            tracing::warn!(error = %format!("{e:#}"), "quota refresh after the committed floor failed");
+        }
+        metrics::gauge!("tollgate_billing_priced_seq").set(st.priced_seq() as f64);
+    }
+
+    /// Step (1): decodes a batch; returns it with its commit tokens.
+    fn prepare(&self, batch: Vec<Delivery>) -> (Prepared, Vec<tollgate_schemas::bus::CommitToken>) {
         let mut tokens = Vec::with_capacity(batch.len());
-        let mut events: Vec<UsageEvent> = Vec::with_capacity(batch.len());
-        let mut last = 0u64;
-        let mut lanes: Vec<(String, u64)> = Vec::with_capacity(batch.len());
+        let mut p = Prepared::default();
         for d in batch {
-            last = last.max(d.position);
-            lanes.push((
-                d.subject.rsplit('.').next().unwrap_or_default().to_owned(),
-                d.position,
-            ));
-            match Event::from_json(&d.payload) {
-                Ok(Event::Usage(u)) => {
-                    trace.event(u.meta.id.to_string(), d.header("traceparent"));
-                    events.push(u);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    // The meter parks poison events in the dead-letter stream;
-                    // billing skips them (they carry no trustworthy amount).
-                    tracing::warn!(subject = %d.subject, error = %e, "undecodable usage event skipped");
-                    metrics::counter!("tollgate_billing_events_skipped_total").increment(1);
+            let tenant = d.subject.rsplit('.').next().unwrap_or_default().to_owned();
+            let kind = self.names.kind_of_subject(&d.subject);
+            if kind == Some(EventKind::Usage) {
+                match Event::from_json(&d.payload) {
+                    Ok(Event::Usage(u)) => {
+                        p.events.push(Priceable {
+                            event: u,
+                            position: d.position,
+                            traceparent: d.header("traceparent").map(str::to_owned),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // The meter parks poison events in the dead-letter
+                        // stream; billing skips them (they carry no
+                        // trustworthy amount).
+                        tracing::warn!(subject = %d.subject, error = %e, "undecodable usage event skipped");
+                        metrics::counter!("tollgate_billing_events_skipped_total").increment(1);
+                    }
                 }
             }
+            // Request and token-count events are never billed: handled as
+            // soon as seen.
+            p.positions.push((tenant, d.position));
             tokens.push(d.commit);
+        }
+        (p, tokens)
+    }
+
+    /// Prices `prepared` until it succeeds, heartbeating `tokens`; `None`
+    /// when shutdown came first (the tokens were released).
+    async fn price_held(
+        &self,
+        c: &mut dyn EventConsumer,
+        prepared: &Prepared,
+        tokens: Vec<tollgate_schemas::bus::CommitToken>,
+        spec: &ConsumerSpec,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<tollgate_schemas::bus::CommitToken>> {
+        let every = spec.progress_every();
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut attempt = 0u32;
+        loop {
+            let result = {
+                let work = self.price_batch(prepared);
+                tokio::pin!(work);
+                loop {
+                    tokio::select! {
+                        r = &mut work => break r,
+                        _ = beat.tick() => heartbeat(&tokens).await,
+                    }
+                }
+            };
+            let Err(e) = result else {
+                return Some(tokens);
+            };
+            // Nothing acked: the batch stays here and is retried; debits
+            // already stored are skipped by step (2).
+            tracing::error!(error = %format!("{e:#}"), attempt, "pricing a batch failed; retrying it");
+            metrics::counter!("tollgate_billing_pricing_errors_total").increment(1);
+            let until = tokio::time::Instant::now()
+                + Duration::from_millis(100u64 << attempt.min(5)).min(Duration::from_secs(2));
+            attempt += 1;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        release(c, tokens).await;
+                        return None;
+                    }
+                    () = tokio::time::sleep_until(until) => break,
+                    _ = beat.tick() => heartbeat(&tokens).await,
+                }
+            }
+        }
+    }
+
+    /// Steps (2) to (6) of the module docs, for one attempt at a batch.
+    async fn price_batch(&self, batch: &Prepared) -> anyhow::Result<()> {
+        if self.state.lock().await.needs_reload {
+            self.reload().await?;
+        }
+        let started = std::time::Instant::now();
+        let mut trace = PricingTrace::start(batch.positions.len());
+        for p in &batch.events {
+            trace.event(p.event.meta.id.to_string(), p.traceparent.as_deref());
         }
         // (2) which of these are already debited?
         let mut seen: BTreeSet<String> = BTreeSet::new();
-        if !events.is_empty() {
-            let ids: Vec<String> = events.iter().map(|e| e.meta.id.to_string()).collect();
-            let tenants: BTreeSet<&str> =
-                events.iter().map(|e| e.meta.tenant_id.as_str()).collect();
+        if !batch.events.is_empty() {
+            let ids: Vec<String> = batch
+                .events
+                .iter()
+                .map(|p| p.event.meta.id.to_string())
+                .collect();
+            let tenants: BTreeSet<&str> = batch
+                .events
+                .iter()
+                .map(|p| p.event.meta.tenant_id.as_str())
+                .collect();
             let existing: Vec<String> = self
                 .ch
                 .query(
@@ -532,8 +739,9 @@ impl Billing {
         st.roll_month(now);
         // (3) price
         let mut rows = Vec::new();
-        let mut priced: Vec<(UsageEvent, Decimal, u64)> = Vec::new();
-        for e in events {
+        let mut priced: Vec<(&UsageEvent, Decimal, u64)> = Vec::new();
+        for p in &batch.events {
+            let e = &p.event;
             let id = e.meta.id.to_string();
             if !seen.insert(id.clone()) {
                 metrics::counter!("tollgate_billing_duplicates_skipped_total").increment(1);
@@ -571,18 +779,23 @@ impl Billing {
                 cache_read_tokens: e.tokens.cache_read_tokens,
                 cache_write_tokens: e.tokens.cache_write_tokens,
             });
-            trace.debit(&e, cost, version);
+            trace.debit(e, cost, version);
             priced.push((e, cost, version));
         }
         // Burn-down attribution is decided here, so the stored row names the
-        // (first) grant the debit burned.
+        // (first) grant the debit burned. The ledgers it touches are kept
+        // as they were, to be put back if the insert fails.
+        let mut before: HashMap<String, Option<TenantLedger>> = HashMap::new();
         for ((e, cost, _), row) in priced.iter().zip(rows.iter_mut()) {
             if cost.is_zero() {
                 continue;
             }
-            let alloc = st
-                .ledger(&e.meta.tenant_id)
-                .debit(*cost, e.meta.occurred_at);
+            let tenant = &e.meta.tenant_id;
+            if !before.contains_key(tenant) {
+                let kept = st.ledgers.get(tenant).cloned();
+                before.insert(tenant.clone(), kept);
+            }
+            let alloc = st.ledger(tenant).debit(*cost, e.meta.occurred_at);
             if let Some(a) = alloc.iter().find(|a| a.grant_id.is_some()) {
                 row.grant_id = a.grant_id.clone().unwrap_or_default();
             }
@@ -600,13 +813,19 @@ impl Billing {
                     .join(",");
             }
         }
-        // (4) store. If this fails the in-memory debits above must not stay:
-        // rebuild the state from durable records.
+        // (4) store. If this fails the in-memory debits above must not stay.
+        // A failed insert may still have landed (a timeout after the write),
+        // and then step (2) would skip those events next time while the
+        // ledgers lack them: so the state is also rebuilt from ClickHouse
+        // before the next attempt.
         if let Err(e) = self.insert_ledger(&rows).await {
-            drop(st);
-            if let Err(reload) = self.reload().await {
-                tracing::error!(error = %format!("{reload:#}"), "reloading billing state failed");
+            for (tenant, ledger) in before {
+                match ledger {
+                    Some(l) => st.ledgers.insert(tenant, l),
+                    None => st.ledgers.remove(&tenant),
+                };
             }
+            st.needs_reload = true;
             return Err(e);
         }
         trace.stored();
@@ -623,9 +842,21 @@ impl Billing {
             keys.insert(e.meta.key_id.clone());
             metrics::counter!("tollgate_billing_events_priced_total").increment(1);
         }
-        st.priced_seq = st.priced_seq.max(last);
-        for (tenant, position) in &lanes {
-            st.observe_priced(tenant, *position);
+        // The marker: every position of the batch is handled now. Its usage
+        // events' tenants and keys (priced now or before: a redelivery) need
+        // a snapshot whose marker passes them.
+        for (tenant, position) in &batch.positions {
+            st.handled(tenant, *position);
+        }
+        for p in &batch.events {
+            st.note_event(&p.event.meta.tenant_id, &p.event.meta.key_id, p.position);
+        }
+        let (caught_tenants, caught_keys) = st.caught_up();
+        tenants.extend(caught_tenants);
+        keys.extend(caught_keys);
+        for p in &batch.events {
+            tenants.insert(p.event.meta.tenant_id.clone());
+            keys.insert(p.event.meta.key_id.clone());
         }
         // (6) snapshots
         let tenants: Vec<String> = tenants.into_iter().collect();
@@ -636,22 +867,40 @@ impl Billing {
                 .quota
                 .get(&quota_key(QuotaScope::Tenant, t))
                 .map(|q| q.state.as_str());
-            let of_tenant = priced.iter().map(|(e, _, _)| e);
+            let of_tenant = priced.iter().map(|(e, _, _)| *e);
             trace.quota_state(t, state, of_tenant.filter(|e| &e.meta.tenant_id == t));
         }
-        metrics::gauge!("tollgate_billing_priced_seq").set(st.priced_seq as f64);
+        metrics::gauge!("tollgate_billing_priced_seq").set(st.priced_seq() as f64);
+        metrics::gauge!("tollgate_billing_priced_holes")
+            .set(st.priced.unhandled_below_highest() as f64);
         metrics::histogram!("tollgate_billing_batch_seconds")
             .record(started.elapsed().as_secs_f64());
-        Ok(tokens)
+        Ok(())
     }
 
-    /// Throws the in-memory state away and rebuilds it.
+    /// Rebuilds the in-memory state from durable records, keeping the
+    /// marker (which no durable record holds exactly). The state is replaced
+    /// only once the rebuild succeeded: with ClickHouse down the old one
+    /// stays, flagged for another try before the next batch is priced.
     pub async fn reload(&self) -> anyhow::Result<()> {
-        {
-            let mut st = self.state.lock().await;
-            *st = State::default();
+        let mut st = self.state.lock().await;
+        let mut fresh = State {
+            priced: st.priced.clone(),
+            tenant_lane: st.tenant_lane.clone(),
+            behind_tenants: st.behind_tenants.clone(),
+            behind_keys: st.behind_keys.clone(),
+            ..State::default()
+        };
+        match self.load_into(&mut fresh).await {
+            Ok(()) => {
+                *st = fresh;
+                Ok(())
+            }
+            Err(e) => {
+                st.needs_reload = true;
+                Err(e)
+            }
         }
-        self.load().await
     }
 
     // ------------------------------------------------------------------ quota
@@ -1245,6 +1494,44 @@ fn grant_row(g: &Grant) -> anyhow::Result<LedgerRow> {
     })
 }
 
+/// How often the marker is checked against the bus's committed floor while
+/// it has a hole.
+const FLOOR_EVERY: Duration = Duration::from_secs(1);
+
+/// A usage event of a batch, with where it came from.
+struct Priceable {
+    event: UsageEvent,
+    position: u64,
+    traceparent: Option<String>,
+}
+
+/// A decoded batch.
+#[derive(Default)]
+struct Prepared {
+    events: Vec<Priceable>,
+    /// Every message of the batch: (tenant of its subject, position).
+    positions: Vec<(String, u64)>,
+}
+
+async fn heartbeat(tokens: &[tollgate_schemas::bus::CommitToken]) {
+    if let Err(e) = in_progress(tokens).await {
+        tracing::warn!(error = %e, "in-progress heartbeat failed; the batch may be redelivered (deduplicated)");
+    }
+}
+
+async fn release(c: &mut dyn EventConsumer, tokens: Vec<tollgate_schemas::bus::CommitToken>) {
+    let n = tokens.len();
+    match c.release(tokens).await {
+        Ok(()) => tracing::info!(
+            messages = n,
+            "released unpriced messages for prompt redelivery"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, messages = n, "releasing failed; they come back after ack_wait")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1279,6 +1566,43 @@ mod tests {
             position(2, 5),
             position(3, 0)
         ]));
+    }
+
+    #[test]
+    fn the_marker_never_passes_a_batch_not_priced_yet() {
+        let mut st = State::default();
+        // JetStream positions: 1-3 priced; 4-6 (a batch whose pricing failed,
+        // or held by a crashed billing) not yet; 7-9 priced; 10 a request
+        // event (skipped kinds are handled as soon as seen).
+        for p in [1, 2, 3, 7, 8, 9] {
+            st.handled("acme", p);
+        }
+        st.handled("globex", 10);
+        assert_eq!(st.priced_for("acme"), 3);
+        assert_eq!(st.priced_for("globex"), 3, "one lane on JetStream");
+        assert!(!st.priced_all(&[10]));
+        // Tenants with events above the hole wait for a snapshot rewrite.
+        st.note_event("acme", "k1", 8);
+        st.note_event("globex", "k2", 2);
+        let (tenants, keys) = st.caught_up();
+        assert_eq!(tenants, vec!["globex".to_owned()]);
+        assert_eq!(keys, vec!["k2".to_owned()]);
+        assert!(st.behind_tenants.contains_key("acme"));
+        // The failed batch is retried and succeeds, out of order.
+        st.handled("acme", 5);
+        st.handled("acme", 4);
+        assert_eq!(st.priced_for("acme"), 5);
+        assert!(
+            st.caught_up().0.is_empty(),
+            "acme's event at 8 is still above the marker"
+        );
+        st.handled("acme", 6);
+        assert_eq!(st.priced_for("acme"), 10);
+        assert!(st.priced_all(&[10]));
+        let (tenants, keys) = st.caught_up();
+        assert_eq!(tenants, vec!["acme".to_owned()]);
+        assert_eq!(keys, vec!["k1".to_owned()]);
+        assert!(st.behind_tenants.is_empty() && st.behind_keys.is_empty());
     }
 
     #[test]

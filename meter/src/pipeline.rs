@@ -25,11 +25,21 @@
 //! - Poison messages are published to the dead-letter subject, and their
 //!   commit tokens ride along with the batch they arrived in.
 //!
+//! - `ack_wait` is short (seconds: it is how long what a killed meter held
+//!   stays invisible), so every batch held longer than
+//!   [`ConsumerSpec::progress_every`] says so (`in_progress`, JetStream's
+//!   `+WPI`): the one filling in the consumer task, the ones queued for and
+//!   running in the inserter (which takes every shipped batch at once so that
+//!   it can), however long a ClickHouse outage lasts.
+//!
 //! Shutdown, in order: stop fetching → ship the partial batch → the inserter
 //! inserts everything queued (retrying for at most [`SHUTDOWN_GRACE`]) →
-//! commit what was inserted → return. Anything not committed is redelivered
-//! to the next meter, which is harmless (see the crate docs).
+//! commit what was inserted, release (nak) what was not, and what the client
+//! had taken from the server but not handed out yet → return. So the next
+//! meter gets it at once rather than after `ack_wait`; a redelivery is
+//! harmless (see the crate docs).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -40,7 +50,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::bus::{
-    BusError, CommitToken, ConsumerSpec, Delivery, EventBus, EventConsumer, Outgoing, lane_of,
+    BusError, CommitToken, ConsumerSpec, Delivery, EventBus, EventConsumer, Outgoing, in_progress,
+    lane_of,
 };
 use tollgate_schemas::events::EventKind;
 use tracing::{Instrument, Span};
@@ -143,6 +154,13 @@ struct Inserted {
     spans: Vec<Span>,
 }
 
+/// What the inserter hands back.
+enum Done {
+    Inserted(Inserted),
+    /// Given up on under shutdown (ClickHouse unavailable): release it.
+    Abandoned(Vec<CommitToken>),
+}
+
 impl Pipeline {
     /// Runs until `cancel` (live) or the end of the replay range, then drains.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), BusError> {
@@ -150,7 +168,7 @@ impl Pipeline {
             return Ok(());
         };
         let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<Inserted>();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
         let inserter = tokio::spawn(insert_loop(
             self.ch.clone(),
             batch_rx,
@@ -158,6 +176,7 @@ impl Pipeline {
             cancel.clone(),
             self.ack_delay,
             self.stats.clone(),
+            self.spec.progress_every(),
         ));
         let mut consume = Consume {
             p: &self,
@@ -170,6 +189,7 @@ impl Pipeline {
             uncommitted: 0,
             max_seen: Vec::new(),
             empty_at_end: 0,
+            next_beat: None,
         };
         consume.run(&cancel).await;
         if let Err(e) = inserter.await {
@@ -208,7 +228,7 @@ struct Consume<'a> {
     /// When the current batch must be shipped (its first message + max_wait).
     deadline: Option<Instant>,
     batch_tx: Option<mpsc::Sender<Batch>>,
-    done_rx: mpsc::UnboundedReceiver<Inserted>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
     /// Batches handed to the inserter and not yet back.
     outstanding: usize,
     /// Messages handed to the inserter and not yet committed.
@@ -217,11 +237,13 @@ struct Consume<'a> {
     max_seen: Vec<u64>,
     /// Consecutive empty fetches with nothing pending (replay's end of stream).
     empty_at_end: u32,
+    /// When the filling batch is next due an in-progress heartbeat.
+    next_beat: Option<Instant>,
 }
 
 /// What woke a wait in the consumer task.
 enum Wake {
-    Inserted(Option<Inserted>),
+    Inserted(Option<Done>),
     Slot(Result<mpsc::OwnedPermit<Batch>, mpsc::error::SendError<()>>),
     Timeout,
     Cancelled,
@@ -235,6 +257,12 @@ impl Consume<'_> {
         while !cancel.is_cancelled() && !self.finished() {
             self.commit_ready().await;
             let now = Instant::now();
+            if self.next_beat.is_some_and(|b| now >= b) {
+                if let Err(e) = in_progress(&self.batch.tokens).await {
+                    tracing::warn!(error = %e, "in-progress heartbeat failed; the batch may be redelivered");
+                }
+                self.next_beat = Some(now + self.p.spec.progress_every());
+            }
             if now >= next_lag {
                 self.report_lag().await;
                 next_lag = now + Duration::from_secs(1);
@@ -355,6 +383,7 @@ impl Consume<'_> {
     fn push_token(&mut self, token: CommitToken, position: u64) {
         if self.batch.tokens.is_empty() {
             self.deadline = Some(Instant::now() + self.p.max_wait);
+            self.next_beat = Some(Instant::now() + self.p.spec.progress_every());
             self.batch.usage.reserve(self.p.max_events.min(FETCH_CHUNK));
         }
         self.batch.tokens.push(token);
@@ -440,6 +469,7 @@ impl Consume<'_> {
                 Wake::Slot(Ok(permit)) => {
                     let batch = std::mem::take(&mut self.batch);
                     self.deadline = None;
+                    self.next_beat = None;
                     self.outstanding += 1;
                     self.uncommitted += batch.messages();
                     record_batch(&batch);
@@ -474,7 +504,16 @@ impl Consume<'_> {
         }
     }
 
-    async fn commit(&mut self, done: Inserted) {
+    async fn commit(&mut self, done: Done) {
+        let done = match done {
+            Done::Inserted(i) => i,
+            Done::Abandoned(tokens) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                self.uncommitted = self.uncommitted.saturating_sub(tokens.len());
+                self.release(tokens).await;
+                return;
+            }
+        };
         let n = done.tokens.len();
         self.outstanding = self.outstanding.saturating_sub(1);
         self.uncommitted = self.uncommitted.saturating_sub(n);
@@ -505,6 +544,23 @@ impl Consume<'_> {
                 }
                 tracing::warn!(error = %e, messages = n, "commit failed; they will be redelivered");
                 metrics::counter!(m::COMMIT_FAILURES_TOTAL).increment(1);
+            }
+        }
+    }
+
+    /// Gives `tokens` back for prompt redelivery (shutdown).
+    async fn release(&mut self, tokens: Vec<CommitToken>) {
+        let n = tokens.len();
+        if n == 0 {
+            return;
+        }
+        match self.consumer.release(tokens).await {
+            Ok(()) => tracing::info!(
+                messages = n,
+                "released uncommitted messages for prompt redelivery"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, messages = n, "release failed; they come back after ack_wait")
             }
         }
     }
@@ -544,6 +600,25 @@ impl Consume<'_> {
         self.batch_tx = None;
         while let Some(done) = self.done_rx.recv().await {
             self.commit(done).await;
+        }
+        // A batch kept back (the inserter stopped), and what the client had
+        // already taken from the server: give it back now.
+        let kept = std::mem::take(&mut self.batch.tokens);
+        self.release(kept).await;
+        if let Mode::Live = self.p.mode {
+            for _ in 0..4 {
+                match self
+                    .consumer
+                    .fetch(self.p.spec.max_in_flight, Duration::from_millis(20))
+                    .await
+                {
+                    Ok(b) if !b.is_empty() => {
+                        let tokens = b.into_iter().map(|d| d.commit).collect();
+                        self.release(tokens).await;
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 }
@@ -611,52 +686,97 @@ fn record_batch(batch: &Batch) {
 }
 
 /// Inserts batches (up to [`INSERT_CONCURRENCY`] at once), then reports each
-/// for commit. Never drops a batch while running; under shutdown it gives up
-/// after [`SHUTDOWN_GRACE`] (the batch stays uncommitted and is redelivered
-/// to the next meter).
+/// for commit. Takes every shipped batch at once and queues it here, so that
+/// queued and running batches can be kept alive (`in_progress` every
+/// `beat`) whatever ClickHouse does; the consumer's `max_in_flight` bounds
+/// the queue. Never drops a batch while running; under shutdown it gives up
+/// after [`SHUTDOWN_GRACE`] and hands the batch back to be released.
 async fn insert_loop(
     ch: Client,
     mut rx: mpsc::Receiver<Batch>,
-    done: mpsc::UnboundedSender<Inserted>,
+    done: mpsc::UnboundedSender<Done>,
     cancel: CancellationToken,
     ack_delay: Option<Duration>,
     stats: Arc<Stats>,
+    beat: Duration,
 ) {
     // Set once shutdown has been waiting on ClickHouse: shared by every
     // batch still queued, so the whole drain is bounded by SHUTDOWN_GRACE.
     let give_up_at = Arc::new(OnceLock::<Instant>::new());
-    let mut running: JoinSet<Option<Inserted>> = JoinSet::new();
+    let mut running: JoinSet<Done> = JoinSet::new();
+    let mut queued: VecDeque<Batch> = VecDeque::new();
+    let mut ticker = tokio::time::interval_at(Instant::now() + beat, beat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
-    while open || !running.is_empty() {
+    while open || !running.is_empty() || !queued.is_empty() {
+        while running.len() < INSERT_CONCURRENCY
+            && let Some(batch) = queued.pop_front()
+        {
+            let (ch, cancel, stats, give_up_at) = (
+                ch.clone(),
+                cancel.clone(),
+                stats.clone(),
+                give_up_at.clone(),
+            );
+            running.spawn(async move {
+                let span = insert_span(&batch);
+                let inserted = {
+                    let work =
+                        insert_with_retry(&ch, &batch, &cancel, &give_up_at).instrument(span);
+                    tokio::pin!(work);
+                    let mut ticker = tokio::time::interval_at(Instant::now() + beat, beat);
+                    loop {
+                        tokio::select! {
+                            ok = &mut work => break ok,
+                            _ = ticker.tick() => heartbeat(&batch.tokens).await,
+                        }
+                    }
+                };
+                if !inserted {
+                    return Done::Abandoned(batch.tokens);
+                }
+                stats
+                    .inserted
+                    .fetch_add(batch.rows() as u64, Ordering::Relaxed);
+                if let Some(delay) = ack_delay {
+                    tracing::info!(
+                        messages = batch.messages(),
+                        "fault injection: inserted, pausing before commit"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Done::Inserted(Inserted {
+                    tokens: batch.tokens,
+                    max_position: batch.max_position,
+                    spans: batch.spans,
+                })
+            });
+        }
         tokio::select! {
             Some(joined) = running.join_next(), if !running.is_empty() => {
                 match joined {
-                    Ok(Some(inserted)) => {
-                        let _ = done.send(inserted);
+                    Ok(d) => {
+                        let _ = done.send(d);
                     }
-                    Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "insert task failed; batch left uncommitted"),
                 }
             }
-            next = rx.recv(), if open && running.len() < INSERT_CONCURRENCY => match next {
-                Some(batch) => {
-                    let (ch, cancel, stats, give_up_at) = (ch.clone(), cancel.clone(), stats.clone(), give_up_at.clone());
-                    running.spawn(async move {
-                        let span = insert_span(&batch);
-                        if !insert_with_retry(&ch, &batch, &cancel, &give_up_at).instrument(span).await {
-                            return None;
-                        }
-                        stats.inserted.fetch_add(batch.rows() as u64, Ordering::Relaxed);
-                        if let Some(delay) = ack_delay {
-                            tracing::info!(messages = batch.messages(), "fault injection: inserted, pausing before commit");
-                            tokio::time::sleep(delay).await;
-                        }
-                        Some(Inserted { tokens: batch.tokens, max_position: batch.max_position, spans: batch.spans })
-                    });
-                }
+            next = rx.recv(), if open => match next {
+                Some(batch) => queued.push_back(batch),
                 None => open = false,
             },
+            _ = ticker.tick(), if !queued.is_empty() => {
+                for batch in &queued {
+                    heartbeat(&batch.tokens).await;
+                }
+            }
         }
+    }
+}
+
+async fn heartbeat(tokens: &[CommitToken]) {
+    if let Err(e) = in_progress(tokens).await {
+        tracing::warn!(error = %e, "in-progress heartbeat failed; the batch may be redelivered");
     }
 }
 

@@ -11,6 +11,12 @@
 //! then one flush. A lost ack only causes a redelivery, which the meter
 //! absorbs; per-message (not ack-all) acks let several meters share a durable
 //! consumer without acknowledging each other's in-flight work.
+//!
+//! A durable consumer is made to match its [`ConsumerSpec`] every time it is
+//! opened: a changed `ack_wait` or `max_in_flight` is updated in place; a
+//! changed filter (which nats-server 2.9 cannot update) recreates the
+//! consumer at its ack floor, so nothing committed is delivered again except
+//! what lay above the floor (the consumers deduplicate by event id).
 
 use std::time::Duration;
 
@@ -50,6 +56,16 @@ impl Default for StreamSettings {
 
 pub(crate) struct Ack {
     acker: jetstream::message::Acker,
+}
+
+impl Ack {
+    /// `+WPI`: restarts the message's `ack_wait`.
+    pub(crate) async fn progress(&self) -> Result<(), BusError> {
+        self.acker
+            .ack_with(jetstream::AckKind::Progress)
+            .await
+            .map_err(unavailable)
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -160,6 +176,69 @@ impl JetStreamBus {
         Ok(())
     }
 
+    /// Opens durable `name`, creating it, or bringing an existing one in line
+    /// with `config` (see the module docs).
+    async fn durable(
+        stream: &stream::Stream,
+        name: &str,
+        config: pull::Config,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        let config_error = |e: &dyn std::fmt::Display| {
+            BusError::new(BusErrorKind::Config, format!("consumer {name}: {e}"))
+        };
+        let mut consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(name, config.clone())
+            .await
+            .map_err(unavailable)?;
+        let info = consumer.info().await.map_err(unavailable)?.clone();
+        let current = &info.config;
+        if current.filter_subject != config.filter_subject {
+            let floor = info.ack_floor.stream_sequence;
+            tracing::info!(
+                consumer = name,
+                from = %current.filter_subject,
+                to = %config.filter_subject,
+                ack_floor = floor,
+                "consumer filter changed: recreating the consumer at its ack floor"
+            );
+            stream
+                .delete_consumer(name)
+                .await
+                .map_err(|e| config_error(&e))?;
+            let recreated = pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: floor + 1,
+                },
+                ..config
+            };
+            return stream
+                .create_consumer(recreated)
+                .await
+                .map_err(|e| config_error(&e));
+        }
+        if current.ack_wait != config.ack_wait || current.max_ack_pending != config.max_ack_pending
+        {
+            let mut update = current.clone();
+            update.ack_wait = config.ack_wait;
+            update.max_ack_pending = config.max_ack_pending;
+            tracing::info!(
+                consumer = name,
+                ack_wait = ?config.ack_wait,
+                max_ack_pending = config.max_ack_pending,
+                "updating the consumer's ack_wait and max_ack_pending"
+            );
+            stream
+                .update_consumer(update)
+                .await
+                .map_err(|e| config_error(&e))?;
+            return stream
+                .get_consumer(name)
+                .await
+                .map_err(|e| config_error(&e));
+        }
+        Ok(consumer)
+    }
+
     fn build(msg: &Outgoing) -> Publish {
         let mut headers = HeaderMap::new();
         for (k, v) in &msg.headers {
@@ -254,10 +333,9 @@ impl EventBus for JetStreamBus {
             .await
             .map_err(|e| BusError::new(BusErrorKind::Config, e))?;
         let consumer: consumer::PullConsumer = match &spec.durable {
-            Some(name) => stream.get_or_create_consumer(name, config).await,
-            None => stream.create_consumer(config).await,
-        }
-        .map_err(unavailable)?;
+            Some(name) => Self::durable(&stream, name, config).await?,
+            None => stream.create_consumer(config).await.map_err(unavailable)?,
+        };
         let batch = spec.max_in_flight.clamp(1, 10_000);
         let messages = consumer
             .stream()
@@ -296,6 +374,21 @@ impl EventBus for JetStreamBus {
 
     async fn heads(&self) -> Result<Vec<u64>, BusError> {
         Ok(vec![self.head().await?])
+    }
+
+    async fn committed(&self, durable: &str) -> Result<Vec<u64>, BusError> {
+        let stream = self
+            .js
+            .get_stream(&self.names.events_stream)
+            .await
+            .map_err(unavailable)?;
+        match stream.consumer_info(durable).await {
+            Ok(info) => Ok(vec![info.ack_floor.stream_sequence]),
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                Ok(vec![0])
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn pending(&self, durable: &str) -> Result<u64, BusError> {
@@ -384,6 +477,19 @@ impl EventConsumer for JetStreamConsumer {
             // A token from another transport cannot be ours: nothing to ack.
             if let Token::JetStream(a) = &t.0 {
                 a.acker.ack().await.map_err(unavailable)?;
+            }
+        }
+        self.client.flush().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn release(&mut self, tokens: Vec<CommitToken>) -> Result<(), BusError> {
+        for t in &tokens {
+            if let Token::JetStream(a) = &t.0 {
+                a.acker
+                    .ack_with(jetstream::AckKind::Nak(None))
+                    .await
+                    .map_err(unavailable)?;
             }
         }
         self.client.flush().await.map_err(unavailable)?;

@@ -572,6 +572,41 @@ impl KafkaBus {
         }
     }
 
+    /// Per partition (indexed by partition): its high watermark and the
+    /// offset group `durable` resumes from (its committed offset, or the low
+    /// watermark where it has committed nothing or less).
+    async fn group_offsets(&self, durable: &str) -> Result<Vec<(i64, i64)>, BusError> {
+        let marks = self.watermarks().await?;
+        let consumer: BaseConsumer = self
+            .consumer_config(&self.group_id(durable), "earliest")
+            .create()
+            .map_err(config_error)?;
+        let topic = self.inner.topic.clone();
+        blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..marks.len() {
+                tpl.add_partition(&topic, i32::try_from(p).unwrap_or(0));
+            }
+            let committed = consumer
+                .committed_offsets(tpl, CALL_TIMEOUT)
+                .map_err(unavailable)?;
+            let mut out: Vec<(i64, i64)> = marks.iter().map(|&(low, high)| (high, low)).collect();
+            for e in committed.elements_for_topic(&topic) {
+                let Some(slot) = usize::try_from(e.partition())
+                    .ok()
+                    .and_then(|p| out.get_mut(p))
+                else {
+                    continue;
+                };
+                if let Offset::Offset(o) = e.offset() {
+                    slot.1 = o.max(slot.1);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     fn consumer_config(&self, group: &str, reset: &str) -> ClientConfig {
         let s = &self.inner.settings;
         let mut c = s.client_config();
@@ -816,38 +851,28 @@ impl EventBus for KafkaBus {
             .collect())
     }
 
+    async fn committed(&self, durable: &str) -> Result<Vec<u64>, BusError> {
+        Ok(self
+            .group_offsets(durable)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(p, (_, from))| {
+                position(
+                    u32::try_from(p).unwrap_or(0),
+                    u64::try_from(from).unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
     async fn pending(&self, durable: &str) -> Result<u64, BusError> {
-        let marks = self.watermarks().await?;
-        let consumer: BaseConsumer = self
-            .consumer_config(&self.group_id(durable), "earliest")
-            .create()
-            .map_err(config_error)?;
-        let topic = self.inner.topic.clone();
-        blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..marks.len() {
-                tpl.add_partition(&topic, i32::try_from(p).unwrap_or(0));
-            }
-            let committed = consumer
-                .committed_offsets(tpl, CALL_TIMEOUT)
-                .map_err(unavailable)?;
-            let mut pending = 0u64;
-            for e in committed.elements_for_topic(&topic) {
-                let Some((low, high)) = usize::try_from(e.partition())
-                    .ok()
-                    .and_then(|p| marks.get(p).copied())
-                else {
-                    continue;
-                };
-                let from = match e.offset() {
-                    Offset::Offset(o) => o.max(low),
-                    _ => low,
-                };
-                pending += u64::try_from(high - from).unwrap_or(0);
-            }
-            Ok(pending)
-        })
-        .await
+        Ok(self
+            .group_offsets(durable)
+            .await?
+            .into_iter()
+            .map(|(high, from)| u64::try_from(high - from).unwrap_or(0))
+            .sum())
     }
 
     fn names(&self) -> &Names {
@@ -1164,6 +1189,14 @@ impl EventConsumer for KafkaConsumer {
             }
         }
         self.flush(true).await
+    }
+
+    async fn release(&mut self, tokens: Vec<CommitToken>) -> Result<(), BusError> {
+        // No per-message nak: the partition's commit point stays below these
+        // (the tracker never passes an open offset), and whoever owns the
+        // partition next resumes there.
+        drop(tokens);
+        Ok(())
     }
 
     async fn lag(&mut self) -> Result<u64, BusError> {

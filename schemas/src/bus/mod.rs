@@ -138,12 +138,22 @@ pub struct ConsumerSpec {
     pub start: StartFrom,
     /// How long a delivered, uncommitted message waits before redelivery
     /// (JetStream; Kafka redelivers what is uncommitted on a rebalance).
+    /// Keep it short (seconds): it is how long the work a crashed consumer
+    /// held stays invisible. A consumer whose work takes longer keeps it with
+    /// [`in_progress`] every [`ConsumerSpec::progress_every`].
     pub ack_wait: Duration,
     /// Upper bound on delivered-but-uncommitted messages (backpressure).
     pub max_in_flight: usize,
 }
 
 impl ConsumerSpec {
+    /// How often a consumer still working on deliveries should say so
+    /// ([`in_progress`]): a third of `ack_wait`, so one lost heartbeat never
+    /// lets a message expire.
+    pub fn progress_every(&self) -> Duration {
+        (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+
     pub fn new(filter: impl Into<String>) -> Self {
         Self {
             durable: None,
@@ -193,6 +203,20 @@ impl std::fmt::Debug for CommitToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CommitToken")
     }
+}
+
+/// Tells the transport these deliveries are still being worked on, so they
+/// are not redelivered while their `ack_wait` would have run out (JetStream
+/// `+WPI`, which restarts each message's timer). Kafka has no per-message
+/// timer: nothing to do.
+pub async fn in_progress(tokens: &[CommitToken]) -> Result<(), BusError> {
+    for t in tokens {
+        match &t.0 {
+            Token::JetStream(a) => a.progress().await?,
+            Token::Kafka(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Whether a caller should retry. Callers branch on this, not on messages.
@@ -249,6 +273,13 @@ pub trait EventBus: Send + Sync + 'static {
     /// says `position(lane, 0)`. One entry on JetStream.
     async fn heads(&self) -> Result<Vec<u64>, BusError>;
 
+    /// Per lane (indexed by lane), the position up to which the durable
+    /// consumer `durable` has committed *every* message: JetStream's ack
+    /// floor, Kafka's committed offsets (or the low watermark where nothing
+    /// is committed). A lower bound that never passes an uncommitted
+    /// message; `[0]` when the consumer does not exist yet.
+    async fn committed(&self, durable: &str) -> Result<Vec<u64>, BusError>;
+
     /// Messages the durable consumer `durable` has not committed yet
     /// (including ones outside its filter on Kafka, until it skips them).
     async fn pending(&self, durable: &str) -> Result<u64, BusError>;
@@ -266,6 +297,14 @@ pub trait EventConsumer: Send {
     /// Commits deliveries: they will not be delivered again. Call only once
     /// what they carry is durable downstream.
     async fn commit(&mut self, tokens: Vec<CommitToken>) -> Result<(), BusError>;
+
+    /// Gives deliveries back uncommitted, to be delivered again promptly
+    /// (to this consumer or another sharing its durable name) rather than
+    /// after `ack_wait`: what a consumer holds when it shuts down before
+    /// finishing. JetStream naks each message; Kafka has nothing to do (a
+    /// closing member's partitions are reassigned and resume at the commit
+    /// point, which never passed these).
+    async fn release(&mut self, tokens: Vec<CommitToken>) -> Result<(), BusError>;
 
     /// Messages the consumer has not yet been delivered (lag), if known.
     async fn lag(&mut self) -> Result<u64, BusError>;

@@ -67,6 +67,17 @@ impl ClickHouseServer {
         self.process.stop();
     }
 
+    /// `kill -9` of the server itself (no shutdown), then the supervisor.
+    pub fn kill9(&mut self) {
+        if let Some(pid) = self.process.server_pid() {
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .status();
+        }
+        self.process.stop();
+    }
+
     /// Starts it again on the same ports with the same data.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.process.stop();
