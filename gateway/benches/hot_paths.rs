@@ -433,6 +433,9 @@ impl tollgate_schemas::bus::EventBus for AckAll {
     async fn pending(&self, _: &str) -> Result<u64, BusError> {
         Ok(0)
     }
+    async fn committed(&self, _: &str) -> Result<Vec<u64>, BusError> {
+        Ok(vec![0])
+    }
     fn names(&self) -> &tollgate_schemas::Names {
         &self.0
     }

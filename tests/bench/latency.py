@@ -51,6 +51,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 def load_env(path):
     env = {}
     for line in pathlib.Path(path).read_text().splitlines():
+        line = line.removeprefix("export ")
         if "=" in line and not line.startswith("#"):
             k, v = line.split("=", 1)
             env[k] = v

@@ -31,9 +31,15 @@ set -a; . "$TOLLGATE_LOCAL_DIR/env"; set +a
 for v in TOLLGATE_GATEWAY_URL TOLLGATE_BILLING_URL TOLLGATE_ADMIN_KEY TOLLGATE_DEMO_KEY TOLLGATE_MOCK_URL \
          TOLLGATE_CLICKHOUSE_URL TOLLGATE_CLICKHOUSE_DB TOLLGATE_CLICKHOUSE_USER TOLLGATE_CLICKHOUSE_PASSWORD \
          TOLLGATE_NATS_URL TOLLGATE_BUS TOLLGATE_KAFKA_BROKERS; do
-  grep -q "^$v=" "$TOLLGATE_LOCAL_DIR/env" || bad ".local/env lacks $v"
+  grep -q "^export $v=" "$TOLLGATE_LOCAL_DIR/env" || bad ".local/env lacks 'export $v='"
 done
-ok ".local/env has every variable of ARCHITECTURE.md"
+ok ".local/env exports every variable of ARCHITECTURE.md"
+# The README's way: a fresh shell that sources it hands them to the programs it starts.
+if env -i PATH="$PATH" bash -c ". '$TOLLGATE_LOCAL_DIR/env' && python3 -c 'import os,sys; sys.exit(0 if os.environ.get(\"TOLLGATE_GATEWAY_URL\") else 1)'"; then
+  ok "source .local/env exports TOLLGATE_GATEWAY_URL to a child process"
+else
+  bad "source .local/env leaves TOLLGATE_GATEWAY_URL unset for child processes"
+fi
 if [ "$TOLLGATE_BUS" = "$WANT_BUS" ]; then ok "events on $WANT_BUS (.local/env says so)"; else bad ".local/env says TOLLGATE_BUS=$TOLLGATE_BUS, expected $WANT_BUS"; fi
 if [ "$WANT_BUS" = kafka ]; then
   if [ -n "$TOLLGATE_KAFKA_BROKERS" ] && (exec 3<>"/dev/tcp/${TOLLGATE_KAFKA_BROKERS%:*}/${TOLLGATE_KAFKA_BROKERS##*:}") 2>/dev/null \

@@ -57,6 +57,8 @@ impl NatsServer {
 
     /// Stops the server (SIGTERM), keeping its store.
     pub fn stop(&mut self) {
+        // A frozen server would never act on the SIGTERM.
+        let _ = self.thaw();
         self.process.stop();
     }
 
@@ -84,7 +86,7 @@ impl NatsServer {
 
     /// Starts it again on the same port with the same store.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.process.stop();
+        self.stop();
         self.process = spawn(self.port, &self.dir, self._tmp.is_none())?;
         Ok(())
     }
@@ -104,4 +106,11 @@ fn spawn(port: u16, dir: &Path, cleanup: bool) -> anyhow::Result<Supervised> {
     let process = Supervised::spawn(&bin, &args, cleanup.then_some(dir), &dir.join("nats.log"))?;
     wait_for_port(port, Duration::from_secs(20))?;
     Ok(process)
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // A test that failed while the server was frozen must not hang on it.
+        let _ = self.thaw();
+    }
 }
