@@ -363,29 +363,34 @@ fn bench_lookup(c: &mut Criterion) {
     g.finish();
 }
 
+/// A usage event as the gateway builds it for one chat completion.
+fn usage_event(tokens: TokenCounts, cost: Decimal, price_version: u64) -> Event {
+    Event::Usage(UsageEvent {
+        meta: EventMeta::new("acme", "key_0123456789", "req_0190c0ffee0123456789abcdef"),
+        api: ApiFormat::OpenaiChat,
+        requested_model: "mock-gpt".into(),
+        model: "mock-gpt-4o-mini".into(),
+        provider: "openai".into(),
+        deployment: "mock-openai".into(),
+        cost,
+        tokens,
+        estimated: false,
+        status: 200,
+        streamed: true,
+        latency_ms: 3,
+        ttft_ms: Some(1),
+        retries: 0,
+        price_version,
+    })
+}
+
 fn bench_event(c: &mut Criterion) {
     let book = price_book();
     c.bench_function("event/usage_build_and_encode", |b| {
         b.iter(|| {
             let t = tokens();
-            let event = Event::Usage(UsageEvent {
-                meta: EventMeta::new("acme", "key_0123456789", "req_0190c0ffee0123456789abcdef"),
-                api: ApiFormat::OpenaiChat,
-                requested_model: "mock-gpt".into(),
-                model: "mock-gpt-4o-mini".into(),
-                provider: "openai".into(),
-                deployment: "mock-openai".into(),
-                cost: book.cost("mock-gpt", &t),
-                tokens: t,
-                estimated: false,
-                status: 200,
-                streamed: true,
-                latency_ms: 3,
-                ttft_ms: Some(1),
-                retries: 0,
-                price_version: book.version,
-            });
-            black_box(event.to_json())
+            let cost = book.cost("mock-gpt", &t);
+            black_box(usage_event(t, cost, book.version).to_json())
         })
     });
 }
@@ -458,23 +463,7 @@ fn bench_publish(c: &mut Criterion) {
     let (publisher, handle) = rt
         .block_on(Publisher::start(bus, PublisherConfig::new(dir.path())))
         .unwrap();
-    let event = Event::Usage(UsageEvent {
-        meta: EventMeta::new("acme", "key_0123456789", "req_0190c0ffee0123456789abcdef"),
-        api: ApiFormat::OpenaiChat,
-        requested_model: "mock-gpt".into(),
-        model: "mock-gpt-4o-mini".into(),
-        provider: "openai".into(),
-        deployment: "mock-openai".into(),
-        cost: Decimal::new(123, 6),
-        tokens: tokens(),
-        estimated: false,
-        status: 200,
-        streamed: true,
-        latency_ms: 3,
-        ttft_ms: Some(1),
-        retries: 0,
-        price_version: 1,
-    });
+    let event = usage_event(tokens(), Decimal::new(123, 6), 1);
     let msg = Outgoing {
         subject: names.event_subject(event.kind(), "acme"),
         id: event.meta().id.to_string(),

@@ -54,6 +54,31 @@ impl Bucket {
         Ok(self.store.get_or_init(|| async { store }).await)
     }
 
+    /// Start-up: opens the bucket and reads every key's latest value, if NATS
+    /// answers within `timeout`. The watch is returned for [`follow`] to go
+    /// on with. `None` (logged) when it does not: the caller serves from its
+    /// on-disk cache and follows the bucket once it opens.
+    pub async fn load_at_start(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> (Option<kv::Watch>, Vec<kv::Entry>) {
+        let loaded = async {
+            let store = self.try_open(timeout).await?;
+            let mut watch = subscribe(store).await?;
+            let loaded = load(store, &mut watch, what, Duration::from_secs(10)).await?;
+            anyhow::Ok((watch, loaded))
+        }
+        .await;
+        match loaded {
+            Ok((watch, loaded)) => (Some(watch), loaded),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} bucket unreachable at start; serving from the on-disk state cache until it answers");
+                (None, Vec::new())
+            }
+        }
+    }
+
     /// Opens the bucket, retrying with backoff; `None` if `shutdown` came first.
     pub async fn open(&self, shutdown: &CancellationToken) -> Option<&kv::Store> {
         let mut backoff = Duration::from_millis(100);

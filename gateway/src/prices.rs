@@ -54,21 +54,7 @@ impl PriceFeed {
         cached: Vec<PriceBook>,
     ) -> Self {
         let kv = Bucket::new(js, bucket);
-        let loaded = async {
-            let store = kv.try_open(timeout).await?;
-            let mut watch = kv_follow::subscribe(store).await?;
-            let loaded =
-                kv_follow::load(store, &mut watch, "prices", Duration::from_secs(10)).await?;
-            anyhow::Ok((watch, loaded))
-        }
-        .await;
-        let (watch, loaded) = match loaded {
-            Ok((watch, loaded)) => (Some(watch), loaded),
-            Err(e) => {
-                tracing::warn!(error = %e, cached = cached.len(), "prices bucket unreachable at start; pricing with the cached books until it answers");
-                (None, Vec::new())
-            }
-        };
+        let (watch, loaded) = kv.load_at_start("prices", timeout).await;
         let versions = cached
             .into_iter()
             .map(|book| (book.version, Arc::new(book)))

@@ -190,21 +190,7 @@ impl Quotas {
         cached: Vec<(String, QuotaState)>,
     ) -> Self {
         let kv = Bucket::new(js, bucket);
-        let loaded = async {
-            let store = kv.try_open(timeout).await?;
-            let mut watch = kv_follow::subscribe(store).await?;
-            let loaded =
-                kv_follow::load(store, &mut watch, "quota", Duration::from_secs(10)).await?;
-            anyhow::Ok((watch, loaded))
-        }
-        .await;
-        let (initial, loaded) = match loaded {
-            Ok((watch, loaded)) => (Some(watch), loaded),
-            Err(e) => {
-                tracing::warn!(error = %e, cached = cached.len(), "quota bucket unreachable at start; enforcing the cached snapshots until it answers");
-                (None, Vec::new())
-            }
-        };
+        let (initial, loaded) = kv.load_at_start("quota", timeout).await;
         let quotas = Self {
             inner: Arc::new(Inner {
                 kv: Some(kv),

@@ -17,24 +17,52 @@ fn chat() -> serde_json::Value {
     json!({"model": "mock-gpt", "messages": [{"role": "user", "content": "count me"}]})
 }
 
+/// A test's own NATS (to stop and restart), the mock and an in-process gateway.
+struct InProcess {
+    env: TestEnv,
+    nats: NatsServer,
+    mock: stack::Service,
+    dir: tempfile::TempDir,
+    gw: stack::Service,
+}
+
+impl InProcess {
+    async fn start() -> Self {
+        let env = TestEnv::new();
+        let nats = NatsServer::start().unwrap();
+        let mock = stack::start_mock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let gw = stack::start_gateway(stack::gateway_config(
+            &env,
+            &nats.url(),
+            &mock.url(),
+            dir.path(),
+            "",
+        ))
+        .await;
+        Self {
+            env,
+            nats,
+            mock,
+            dir,
+            gw,
+        }
+    }
+}
+
 fn usage_ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.meta().request_id.clone()).collect()
 }
 
 #[tokio::test]
 async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
-    let env = TestEnv::new();
-    let mut nats = NatsServer::start().unwrap();
-    let mock = stack::start_mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = stack::start_gateway(stack::gateway_config(
-        &env,
-        &nats.url(),
-        &mock.url(),
-        dir.path(),
-        "",
-    ))
-    .await;
+    let InProcess {
+        env,
+        mut nats,
+        mock: _mock,
+        dir: _dir,
+        gw,
+    } = InProcess::start().await;
     stack::put_key(&nats.url(), &env, "tg_fault", stack::key("acme", "k1")).await;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", gw.url());
@@ -206,18 +234,13 @@ fn rejected_lines(data_dir: &std::path::Path) -> usize {
 /// permanent error and the event parked in `rejected/` for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_sigterm_and_restart_twelve_times_under_traffic_loses_nothing() {
-    let env = TestEnv::new();
-    let mut nats = NatsServer::start().unwrap();
-    let mock = stack::start_mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = stack::start_gateway(stack::gateway_config(
-        &env,
-        &nats.url(),
-        &mock.url(),
-        dir.path(),
-        "",
-    ))
-    .await;
+    let InProcess {
+        env,
+        mut nats,
+        mock: _mock,
+        dir,
+        gw,
+    } = InProcess::start().await;
     stack::put_key(&nats.url(), &env, "tg_cycle", stack::key("acme", "k1")).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Two clients at about 50 requests/s each, one plain, one streamed.
