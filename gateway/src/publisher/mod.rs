@@ -405,6 +405,11 @@ impl Inner {
             if closed { spool.sync() } else { Ok(()) }
         });
         drop(spool);
+        if result.is_ok() && !self.state.bus_healthy() {
+            // Every event passes through the spool; this counts the ones that
+            // will wait in it for the bus.
+            metrics::counter!("tollgate_gateway_events_spooled_total").increment(1);
+        }
         if let Err(e) = result {
             let mut stash = lock(&self.state.stash);
             if stash.closed {
