@@ -649,3 +649,64 @@ async fn kafka_bus() -> (TestEnv, std::sync::Arc<dyn EventBus>) {
 
 bus_suite!(bus_on_jetstream, crate::jetstream_bus);
 bus_suite!(bus_on_kafka, crate::kafka_bus);
+
+/// A durable whose filter changes (billing went from usage-only to every
+/// kind) is recreated at its ack floor: nothing it had not committed is
+/// skipped, and nothing before the floor comes back. Its new `ack_wait` holds.
+#[tokio::test]
+async fn a_durable_with_a_new_filter_resumes_at_its_ack_floor() {
+    let env = TestEnv::new();
+    let bus = JetStreamBus::connect(&env.nats_url, env.names.clone(), StreamSettings::default())
+        .await
+        .unwrap();
+    let publish = |kind: EventKind, i: usize| Outgoing {
+        subject: env.names.event_subject(kind, "acme"),
+        id: format!("{kind:?}-{i}"),
+        payload: Bytes::from(format!(r#"{{"i":{i}}}"#)),
+        headers: Vec::new(),
+    };
+    // Stream positions 1..=10 usage, 11..=20 request.
+    let mut msgs: Vec<Outgoing> = (0..10).map(|i| publish(EventKind::Usage, i)).collect();
+    msgs.extend((0..10).map(|i| publish(EventKind::Request, i)));
+    for r in bus.publish_many(msgs).await {
+        r.unwrap();
+    }
+    let mut spec = ConsumerSpec::new(env.names.kind_filter(EventKind::Usage));
+    spec.durable = Some("billing".into());
+    let mut c = bus.consumer(spec.clone()).await.unwrap();
+    let mut first = c.fetch(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(first.len(), 10);
+    let rest = first.split_off(5);
+    c.commit(first.into_iter().map(|d| d.commit).collect())
+        .await
+        .unwrap();
+    drop(rest); // delivered, never committed
+    drop(c);
+
+    spec.filter = env.names.events_filter();
+    spec.ack_wait = Duration::from_secs(7);
+    let mut c = bus.consumer(spec).await.unwrap();
+    let mut positions = Vec::new();
+    loop {
+        let batch = c.fetch(100, Duration::from_millis(500)).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        positions.extend(batch.iter().map(|d| d.position));
+    }
+    assert_eq!(
+        positions,
+        (6..=20).collect::<Vec<u64>>(),
+        "resumes right after the ack floor (5), with the new filter's messages"
+    );
+    let info = bus
+        .jetstream()
+        .get_stream(&env.names.events_stream)
+        .await
+        .unwrap()
+        .consumer_info("billing")
+        .await
+        .unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+    assert_eq!(info.config.filter_subject, env.names.events_filter());
+}
