@@ -39,7 +39,7 @@ use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, StreamSettings
 use tollgate_schemas::events::{Event, EventKind};
 use tollgate_schemas::records::{QuotaScope, QuotaState, quota_key};
 use tollgate_tests::billing::{ADMIN_KEY, billing_config_text};
-use tollgate_tests::harness::{ClickHouseServer, TestEnv, ch_client, free_port};
+use tollgate_tests::harness::{ClickHouseServer, NatsServer, TestEnv, ch_client, free_port};
 use tollgate_tests::stack::{self, Service};
 
 /// Concurrent clients of the one tenant, all through one gateway replica.
@@ -787,4 +787,52 @@ async fn clickhouse_outage_under_prepaid_traffic_never_forgets_spend() {
     }
     s.kill9_billing();
     drop(clickhouse);
+}
+
+/// NATS stopped (`SIGTERM`) and restarted twelve times under prepaid
+/// traffic: the gateway spools, the meter and billing reconnect, and after
+/// it every 200 the clients saw has one `usage` row and one debit, the
+/// balance is grants − costs, and the overspend stays within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_restarts_under_prepaid_traffic_lose_and_double_count_nothing() {
+    let mut nats = NatsServer::start().unwrap();
+    let mut env = TestEnv::new();
+    env.nats_url = nats.url();
+    let (ch_url, db) = (env.clickhouse_url.clone(), env.database.clone());
+    let mut s = Stack::start(env, ch_url, db).await;
+    let tenant = "restarts";
+    let secret = s.prepaid_tenant(tenant).await;
+    let (granted, first) = fund(&s, tenant, &secret, 20, Duration::ZERO).await;
+    let load = Arc::new(Load::default());
+    load.served.lock().unwrap().push(first);
+    let clients = spawn_clients(&s, &secret, &load);
+    wait_spent(&load, granted / Decimal::from(20), Duration::from_secs(60)).await;
+    for _ in 0..12 {
+        nats.stop();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        nats.restart().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let spent_after = load.spent();
+    println!("12 NATS restarts done with {spent_after} of {granted} spent");
+    assert!(
+        spent_after < granted,
+        "the credit ran out during the restarts; spending after them is not tested"
+    );
+    run_into_zero(&load, Instant::now(), Duration::from_secs(10)).await;
+    load.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(
+        load.refused.load(Ordering::Relaxed) > 0,
+        "the clients never reached zero; the test proves nothing"
+    );
+    let overspend = assert_overspend_within_bound(granted, &load);
+    assert_settled(&s, tenant, granted, &load).await;
+    println!("12 NATS restarts: overspend {overspend}, every 200 metered and priced once");
+    if let Some(m) = s.meter.take() {
+        m.shutdown().await;
+    }
+    s.kill9_billing();
 }
