@@ -125,11 +125,7 @@ pub fn router(billing: B) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                kind: "invalid_request_error",
-                message: "this method is not allowed on this route".into(),
-            }
+            ApiError::method_not_allowed("this method is not allowed on this route")
         })
 }
 
@@ -721,7 +717,7 @@ async fn price_history(State(b): State<B>, Path(model): Path<String>) -> ApiResu
 async fn invoices_of(b: &Billing, tenant: &str) -> ApiResult<Vec<Value>> {
     let mut out: Vec<Value> = Vec::new();
     if let Some(draft) = b.draft(tenant).await? {
-        out.push(serde_json::to_value(draft).map_err(ApiError::internal)?);
+        out.push(serde_json::to_value(draft)?);
     }
     let st = b.state.lock().await;
     let mut done: Vec<&store::Invoice> = st
@@ -731,7 +727,7 @@ async fn invoices_of(b: &Billing, tenant: &str) -> ApiResult<Vec<Value>> {
         .collect();
     done.sort_by_key(|i| std::cmp::Reverse(i.period_start));
     for i in done {
-        out.push(serde_json::to_value(i).map_err(ApiError::internal)?);
+        out.push(serde_json::to_value(i)?);
     }
     Ok(out)
 }
@@ -749,7 +745,7 @@ async fn get_invoice(State(b): State<B>, Path(id): Path<String>) -> ApiResult<Js
         .invoices
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("no finalized invoice {id}")))?;
-    Ok(Json(serde_json::to_value(i).map_err(ApiError::internal)?))
+    Ok(Json(serde_json::to_value(i)?))
 }
 
 async fn finalize(State(b): State<B>, Path(tenant): Path<String>) -> ApiResult<Json<Value>> {
@@ -757,12 +753,12 @@ async fn finalize(State(b): State<B>, Path(tenant): Path<String>) -> ApiResult<J
         .finalize(&tenant, None)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant}")))?;
-    Ok(Json(serde_json::to_value(inv).map_err(ApiError::internal)?))
+    Ok(Json(serde_json::to_value(inv)?))
 }
 
 async fn void_invoice(State(b): State<B>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     match b.void_invoice(&id).await? {
-        Ok(inv) => Ok(Json(serde_json::to_value(inv).map_err(ApiError::internal)?)),
+        Ok(inv) => Ok(Json(serde_json::to_value(inv)?)),
         Err("not_found") => Err(ApiError::not_found(format!("no finalized invoice {id}"))),
         Err(_) => Err(ApiError::conflict("only a finalized invoice can be voided")),
     }
@@ -831,8 +827,7 @@ async fn spend_rows(
             .bind(tenant.unwrap_or(""))
             .bind(tenant.unwrap_or(""))
             .fetch_all::<SpendRow>()
-            .await
-            .map_err(ApiError::internal)?;
+            .await?;
     let key = match group {
         "tenant" => "tenant_id",
         "key" => "key_id",

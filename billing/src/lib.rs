@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api_error;
 pub mod app;
 pub mod config;
+pub mod error;
 pub mod invoice;
 pub mod ledger;
 pub mod priced;

@@ -288,8 +288,7 @@ async fn deliveries(
         delivery_id.as_deref(),
         limit,
     )
-    .await
-    .map_err(ApiError::internal)?;
+    .await?;
     let data: Vec<Value> = rows.iter().map(log::DeliveryRow::view).collect();
     Ok(Json(json!({ "data": data })))
 }
@@ -307,8 +306,7 @@ async fn redeliver(
         return Err(unknown());
     }
     let known = log::lookup(&api.inner.ch, &tenant_id, &delivery_id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or_else(unknown)?;
     if known.last_outcome == log::Outcome::Failed.as_str() {
         return Err(ApiError::conflict(
