@@ -171,7 +171,10 @@ fn query_error(e: QueryRejection) -> ApiError {
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        ApiError::bad_request(format!("invalid body at `{}`: {}", e.path(), e.inner()))
+        ApiError::invalid(
+            e.path().to_string(),
+            format!("invalid body at `{}`: {}", e.path(), e.inner()),
+        )
     })
 }
 
@@ -184,9 +187,10 @@ fn valid_id(id: &str) -> bool {
 
 fn money(field: &str, d: Decimal) -> ApiResult<Decimal> {
     if d.normalize().scale() > 12 {
-        return Err(ApiError::bad_request(format!(
-            "{field} has more than 12 decimal places"
-        )));
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} has more than 12 decimal places"),
+        ));
     }
     Ok(d.normalize())
 }
@@ -218,15 +222,19 @@ fn tenant_json(t: &Tenant) -> Value {
 async fn create_tenant(State(b): State<B>, bytes: axum::body::Bytes) -> ApiResult<Response> {
     let n: NewTenant = body(&bytes)?;
     if !valid_id(&n.id) {
-        return Err(ApiError::bad_request("id must match [A-Za-z0-9_-]{1,64}"));
+        return Err(ApiError::invalid("id", "id must match [A-Za-z0-9_-]{1,64}"));
     }
     if let Some(l) = n.monthly_limit {
         money("monthly_limit", l)?;
         if l.is_sign_negative() {
-            return Err(ApiError::bad_request("monthly_limit must not be negative"));
+            return Err(ApiError::invalid(
+                "monthly_limit",
+                "monthly_limit must not be negative",
+            ));
         }
         if n.billing == BillingMode::Prepaid {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::invalid(
+                "monthly_limit",
                 "monthly_limit applies to postpaid tenants; a prepaid tenant is limited by its credit",
             ));
         }
@@ -282,19 +290,21 @@ async fn patch_tenant(
             "name" => {
                 t.name = v
                     .as_str()
-                    .ok_or_else(|| ApiError::bad_request("name must be a string"))?
+                    .ok_or_else(|| ApiError::invalid("name", "name must be a string"))?
                     .to_owned()
             }
             "monthly_limit" => t.monthly_limit = opt_decimal("monthly_limit", &v)?,
             "billing" => {
-                t.billing = serde_json::from_value(v)
-                    .map_err(|_| ApiError::bad_request("billing must be prepaid or postpaid"))?
+                t.billing = serde_json::from_value(v).map_err(|_| {
+                    ApiError::invalid("billing", "billing must be prepaid or postpaid")
+                })?
             }
-            other => return Err(ApiError::bad_request(format!("unknown field {other}"))),
+            other => return Err(ApiError::invalid(other, format!("unknown field {other}"))),
         }
     }
     if t.billing == BillingMode::Prepaid && t.monthly_limit.is_some() {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
+            "monthly_limit",
             "monthly_limit applies to postpaid tenants",
         ));
     }
@@ -306,19 +316,21 @@ fn opt_decimal(field: &str, v: &Value) -> ApiResult<Option<Decimal>> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) => {
-            let d: Decimal = s
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("{field} must be a decimal string")))?;
+            let d: Decimal = s.parse().map_err(|_| {
+                ApiError::invalid(field, format!("{field} must be a decimal string"))
+            })?;
             if d.is_sign_negative() {
-                return Err(ApiError::bad_request(format!(
-                    "{field} must not be negative"
-                )));
+                return Err(ApiError::invalid(
+                    field,
+                    format!("{field} must not be negative"),
+                ));
             }
             Ok(Some(money(field, d)?))
         }
-        _ => Err(ApiError::bad_request(format!(
-            "{field} must be a decimal string or null"
-        ))),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must be a decimal string or null"),
+        )),
     }
 }
 
@@ -384,7 +396,7 @@ async fn create_key(
     if let Some(budget) = n.budget {
         money("budget", budget)?;
         if budget.is_sign_negative() {
-            return Err(ApiError::bad_request("budget must not be negative"));
+            return Err(ApiError::invalid("budget", "budget must not be negative"));
         }
     }
     let mut st = b.state.lock().await;
@@ -452,7 +464,7 @@ async fn patch_key(
         return Err(ApiError::conflict("a revoked key cannot be changed"));
     }
     for (name, v) in patch {
-        let bad = |what: &str| ApiError::bad_request(format!("{name} must be {what}"));
+        let bad = |what: &str| ApiError::invalid(name.clone(), format!("{name} must be {what}"));
         match name.as_str() {
             "name" => k.name = v.as_str().ok_or_else(|| bad("a string"))?.to_owned(),
             "models" => {
@@ -471,7 +483,7 @@ async fn patch_key(
                     serde_json::from_value(v).map_err(|_| bad("an RFC 3339 time or null"))?
             }
             "disabled" => k.disabled = v.as_bool().ok_or_else(|| bad("a boolean"))?,
-            other => return Err(ApiError::bad_request(format!("unknown field {other}"))),
+            other => return Err(ApiError::invalid(other, format!("unknown field {other}"))),
         }
     }
     b.put_key(&mut st, k.clone()).await?;
@@ -517,12 +529,13 @@ async fn grant_credits(
     let n: NewGrant = body(&bytes)?;
     let amount = money("amount", n.amount)?;
     if amount <= Decimal::ZERO {
-        return Err(ApiError::bad_request("amount must be positive"));
+        return Err(ApiError::invalid("amount", "amount must be positive"));
     }
     let now = Utc::now();
     let effective_at = n.effective_at.unwrap_or(now);
     if n.expires_at.is_some_and(|x| x <= effective_at) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
+            "expires_at",
             "expires_at must be after effective_at",
         ));
     }
@@ -629,7 +642,8 @@ async fn put_price(
     };
     price.validate().map_err(ApiError::bad_request)?;
     if model.is_empty() || model.len() > 256 {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
+            "model",
             "model name must be 1 to 256 characters",
         ));
     }
@@ -800,16 +814,19 @@ async fn spend_rows(
         "model" if allowed.contains(&"model") => "model",
         "day" if allowed.contains(&"day") => "toString(toDate(occurred_at))",
         other => {
-            return Err(ApiError::bad_request(format!(
-                "group_by must be one of {}, got {other:?}",
-                allowed.join(", ")
-            )));
+            return Err(ApiError::invalid(
+                "group_by",
+                format!(
+                    "group_by must be one of {}, got {other:?}",
+                    allowed.join(", ")
+                ),
+            ));
         }
     };
     let to = q.to.unwrap_or_else(Utc::now);
     let from = q.from.unwrap_or_else(|| month_start(to));
     if from > to {
-        return Err(ApiError::bad_request("from must not be after to"));
+        return Err(ApiError::invalid("from", "from must not be after to"));
     }
     let sql = format!(
         "SELECT {column} AS group, toString(-sum(amount)) AS cost, count() AS requests,

@@ -61,9 +61,7 @@ impl Error {
     /// The message the caller sees.
     fn public_message(&self) -> String {
         match self {
-            Error::ClickHouse { .. } => {
-                "ClickHouse is unavailable; retry later".to_owned()
-            }
+            Error::ClickHouse { .. } => "ClickHouse is unavailable; retry later".to_owned(),
             Error::Nats { .. } => "NATS is unavailable; retry later".to_owned(),
             Error::Config(_) | Error::Internal { .. } => {
                 "internal error; see the billing service's logs".to_owned()
@@ -99,5 +97,119 @@ impl IntoResponse for Error {
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigError;
+    use crate::error::ErrorKind;
+
+    async fn render(e: Error) -> (StatusCode, Option<String>, serde_json::Value) {
+        let r = e.into_response();
+        let status = r.status();
+        let retry = r
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (status, retry, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn client_mistakes_are_4xx_in_the_existing_shape() {
+        let cases = [
+            (Error::bad_request("bad"), 400, "invalid_request_error"),
+            (Error::unauthorized("no key"), 401, "authentication_error"),
+            (Error::forbidden("not yours"), 403, "permission_error"),
+            (Error::not_found("no tenant t"), 404, "not_found_error"),
+            (
+                Error::method_not_allowed("no"),
+                405,
+                "invalid_request_error",
+            ),
+            (Error::conflict("exists"), 409, "conflict_error"),
+        ];
+        for (e, status, kind) in cases {
+            let message = e.to_string();
+            assert_eq!(e.kind(), ErrorKind::Client);
+            assert!(!e.is_retryable());
+            let (s, retry, body) = render(e).await;
+            assert_eq!(s.as_u16(), status);
+            assert_eq!(retry, None);
+            assert_eq!(body["error"]["type"], kind);
+            assert_eq!(body["error"]["message"], message.as_str());
+            assert!(body["error"].get("field").is_none(), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn validation_names_the_field() {
+        let (s, retry, body) = render(Error::invalid("amount", "amount must be positive")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(retry, None);
+        assert_eq!(
+            body,
+            json!({"error": {
+                "type": "invalid_request_error",
+                "message": "amount must be positive",
+                "field": "amount",
+            }})
+        );
+    }
+
+    #[tokio::test]
+    async fn outages_are_503_with_retry_after() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        for (e, who) in [
+            (Error::clickhouse("insert ledger", refused()), "ClickHouse"),
+            (
+                Error::from(clickhouse::error::Error::Custom("down".into())),
+                "ClickHouse",
+            ),
+            (Error::nats("put tenant.t", refused()), "NATS"),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::Unavailable);
+            assert!(e.is_retryable());
+            let (s, retry, body) = render(e).await;
+            assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                retry.as_deref(),
+                Some(RETRY_AFTER_SECS.to_string().as_str())
+            );
+            assert_eq!(body["error"]["type"], "unavailable_error");
+            assert_eq!(body["error"]["retry_after"], RETRY_AFTER_SECS);
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.starts_with(who), "{message}");
+            assert!(!message.contains("refused"), "no detail leaks: {message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_bugs_are_500_and_their_detail_stays_in_the_logs() {
+        let config = ConfigError::Invalid {
+            field: "tick_ms",
+            message: "tick_ms must be positive".into(),
+        };
+        let decode = serde_json::from_slice::<u32>(b"{").unwrap_err();
+        for e in [
+            Error::bug("secret detail"),
+            Error::internal("decode", "secret detail"),
+            Error::from(decode),
+            Error::from(config),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::Internal);
+            let (s, retry, body) = render(e).await;
+            assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(retry, None);
+            assert_eq!(
+                body,
+                json!({"error": {
+                    "type": "api_error",
+                    "message": "internal error; see the billing service's logs",
+                }})
+            );
+        }
     }
 }

@@ -74,7 +74,9 @@ pub async fn spawn(
     let listener = TcpListener::bind(config.listen)
         .await
         .internal_ctx(|| format!("listen on {}", config.listen))?;
-    let addr = listener.local_addr().internal_ctx(|| "local address".into())?;
+    let addr = listener
+        .local_addr()
+        .internal_ctx(|| "local address".into())?;
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(run(listener, config, shutdown.clone()));
     Ok((addr, shutdown, handle))

@@ -339,7 +339,11 @@ impl Config {
                 message: format!("prices.models.{model}: {e}"),
             })?;
         }
-        ensure(self.tick_ms > 0, "tick_ms", "tick_ms must be positive".into())?;
+        ensure(
+            self.tick_ms > 0,
+            "tick_ms",
+            "tick_ms must be positive".into(),
+        )?;
         ensure(
             self.consumer.max_batch > 0,
             "consumer.max_batch",
@@ -349,8 +353,7 @@ impl Config {
             self.consumer.ack_wait_secs > 0
                 && self.consumer.ack_wait_secs * 1000 > self.consumer.max_wait_ms,
             "consumer.ack_wait_secs",
-            "consumer.ack_wait_secs must be at least 1 and longer than consumer.max_wait_ms"
-                .into(),
+            "consumer.ack_wait_secs must be at least 1 and longer than consumer.max_wait_ms".into(),
         )?;
         Ok(())
     }

@@ -1356,7 +1356,11 @@ impl Billing {
         Ok(Some(inv))
     }
 
-    pub async fn write_invoice_rows(&self, inv: &Invoice, version: u64) -> crate::error::Result<()> {
+    pub async fn write_invoice_rows(
+        &self,
+        inv: &Invoice,
+        version: u64,
+    ) -> crate::error::Result<()> {
         let mut insert = self.ch.insert::<InvoiceRow>("invoices_store").await?;
         insert
             .write(&InvoiceRow {
@@ -1396,7 +1400,10 @@ impl Billing {
     }
 
     /// finalized → void. Its credits become available to later invoices.
-    pub async fn void_invoice(&self, id: &str) -> crate::error::Result<Result<Invoice, &'static str>> {
+    pub async fn void_invoice(
+        &self,
+        id: &str,
+    ) -> crate::error::Result<Result<Invoice, &'static str>> {
         let mut st = self.state.lock().await;
         let Some(mut inv) = st.invoices.get(id).cloned() else {
             return Ok(Err("not_found"));

@@ -141,7 +141,11 @@ impl Endpoints {
     }
 
     /// The endpoint if it exists and belongs to `tenant_id`.
-    pub async fn get_for(&self, tenant_id: &str, id: &str) -> crate::error::Result<Option<Endpoint>> {
+    pub async fn get_for(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> crate::error::Result<Option<Endpoint>> {
         Ok(self.get(id).await?.filter(|ep| ep.tenant_id == tenant_id))
     }
 

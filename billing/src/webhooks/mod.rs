@@ -119,10 +119,16 @@ impl WebhookConfig {
             })
         };
         if self.timeout.is_zero() {
-            return invalid("webhooks.timeout_secs", "webhooks: timeout must be positive");
+            return invalid(
+                "webhooks.timeout_secs",
+                "webhooks: timeout must be positive",
+            );
         }
         if self.max_age.is_zero() {
-            return invalid("webhooks.max_age_secs", "webhooks: max_age must be positive");
+            return invalid(
+                "webhooks.max_age_secs",
+                "webhooks: max_age must be positive",
+            );
         }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
             return invalid(

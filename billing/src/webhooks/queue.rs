@@ -182,7 +182,12 @@ impl Queue {
 
     /// Publishes one delivery with `msg_id` as `Nats-Msg-Id`; true when the
     /// server reported it a duplicate (already enqueued).
-    pub async fn publish(&self, job: &Job, body: Bytes, msg_id: &str) -> crate::error::Result<bool> {
+    pub async fn publish(
+        &self,
+        job: &Job,
+        body: Bytes,
+        msg_id: &str,
+    ) -> crate::error::Result<bool> {
         let subject = subject(&self.names, &job.endpoint_id, &job.webhook_id);
         let ack = self
             .js
