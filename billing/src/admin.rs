@@ -171,10 +171,14 @@ fn query_error(e: QueryRejection) -> ApiError {
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        ApiError::invalid(
-            e.path().to_string(),
-            format!("invalid body at `{}`: {}", e.path(), e.inner()),
-        )
+        let path = e.path().to_string();
+        let message = format!("invalid body at `{path}`: {}", e.inner());
+        // `.` is the body as a whole (not JSON, or not an object): no field.
+        if path == "." {
+            ApiError::bad_request(message)
+        } else {
+            ApiError::invalid(path, message)
+        }
     })
 }
 

@@ -401,3 +401,42 @@ impl Config {
         t
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_value_is_a_config_error_naming_the_field() {
+        let config = Config {
+            tick_ms: 0,
+            ..Config::default()
+        };
+        match config.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "tick_ms");
+                assert_eq!(message, "tick_ms must be positive");
+            }
+            other => panic!("expected an invalid tick_ms, got {other:?}"),
+        }
+        let config = Config {
+            admin_key: Some("short".into()),
+            ..Config::default()
+        };
+        let e = config.admin_key().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "admin_key",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the admin key must be at least 16 characters"
+        );
+    }
+}

@@ -510,6 +510,7 @@ async fn admin_errors_are_clear_and_isolated() {
         (s, v["error"]["type"].as_str()),
         (400, Some("invalid_request_error"))
     );
+    assert_eq!(v["error"]["field"], "id", "{v}");
     let (s, _) = w
         .billing
         .admin(
@@ -546,6 +547,7 @@ async fn admin_errors_are_clear_and_isolated() {
         )
         .await;
     assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["field"], "amount", "a 400 names the field: {v}");
     let (s, v) = w
         .billing
         .admin(
