@@ -125,11 +125,7 @@ pub fn router(billing: B) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                kind: "invalid_request_error",
-                message: "this method is not allowed on this route".into(),
-            }
+            ApiError::method_not_allowed("this method is not allowed on this route")
         })
 }
 
@@ -175,7 +171,14 @@ fn query_error(e: QueryRejection) -> ApiError {
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        ApiError::bad_request(format!("invalid body at `{}`: {}", e.path(), e.inner()))
+        let path = e.path().to_string();
+        let message = format!("invalid body at `{path}`: {}", e.inner());
+        // `.` is the body as a whole (not JSON, or not an object): no field.
+        if path == "." {
+            ApiError::bad_request(message)
+        } else {
+            ApiError::invalid(path, message)
+        }
     })
 }
 
@@ -188,9 +191,10 @@ fn valid_id(id: &str) -> bool {
 
 fn money(field: &str, d: Decimal) -> ApiResult<Decimal> {
     if d.normalize().scale() > 12 {
-        return Err(ApiError::bad_request(format!(
-            "{field} has more than 12 decimal places"
-        )));
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} has more than 12 decimal places"),
+        ));
     }
     Ok(d.normalize())
 }
@@ -222,15 +226,19 @@ fn tenant_json(t: &Tenant) -> Value {
 async fn create_tenant(State(b): State<B>, bytes: axum::body::Bytes) -> ApiResult<Response> {
     let n: NewTenant = body(&bytes)?;
     if !valid_id(&n.id) {
-        return Err(ApiError::bad_request("id must match [A-Za-z0-9_-]{1,64}"));
+        return Err(ApiError::invalid("id", "id must match [A-Za-z0-9_-]{1,64}"));
     }
     if let Some(l) = n.monthly_limit {
         money("monthly_limit", l)?;
         if l.is_sign_negative() {
-            return Err(ApiError::bad_request("monthly_limit must not be negative"));
+            return Err(ApiError::invalid(
+                "monthly_limit",
+                "monthly_limit must not be negative",
+            ));
         }
         if n.billing == BillingMode::Prepaid {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::invalid(
+                "monthly_limit",
                 "monthly_limit applies to postpaid tenants; a prepaid tenant is limited by its credit",
             ));
         }
@@ -286,19 +294,21 @@ async fn patch_tenant(
             "name" => {
                 t.name = v
                     .as_str()
-                    .ok_or_else(|| ApiError::bad_request("name must be a string"))?
+                    .ok_or_else(|| ApiError::invalid("name", "name must be a string"))?
                     .to_owned()
             }
             "monthly_limit" => t.monthly_limit = opt_decimal("monthly_limit", &v)?,
             "billing" => {
-                t.billing = serde_json::from_value(v)
-                    .map_err(|_| ApiError::bad_request("billing must be prepaid or postpaid"))?
+                t.billing = serde_json::from_value(v).map_err(|_| {
+                    ApiError::invalid("billing", "billing must be prepaid or postpaid")
+                })?
             }
-            other => return Err(ApiError::bad_request(format!("unknown field {other}"))),
+            other => return Err(ApiError::invalid(other, format!("unknown field {other}"))),
         }
     }
     if t.billing == BillingMode::Prepaid && t.monthly_limit.is_some() {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
+            "monthly_limit",
             "monthly_limit applies to postpaid tenants",
         ));
     }
@@ -310,19 +320,21 @@ fn opt_decimal(field: &str, v: &Value) -> ApiResult<Option<Decimal>> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) => {
-            let d: Decimal = s
-                .parse()
-                .map_err(|_| ApiError::bad_request(format!("{field} must be a decimal string")))?;
+            let d: Decimal = s.parse().map_err(|_| {
+                ApiError::invalid(field, format!("{field} must be a decimal string"))
+            })?;
             if d.is_sign_negative() {
-                return Err(ApiError::bad_request(format!(
-                    "{field} must not be negative"
-                )));
+                return Err(ApiError::invalid(
+                    field,
+                    format!("{field} must not be negative"),
+                ));
             }
             Ok(Some(money(field, d)?))
         }
-        _ => Err(ApiError::bad_request(format!(
-            "{field} must be a decimal string or null"
-        ))),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must be a decimal string or null"),
+        )),
     }
 }
 
@@ -388,7 +400,7 @@ async fn create_key(
     if let Some(budget) = n.budget {
         money("budget", budget)?;
         if budget.is_sign_negative() {
-            return Err(ApiError::bad_request("budget must not be negative"));
+            return Err(ApiError::invalid("budget", "budget must not be negative"));
         }
     }
     let mut st = b.state.lock().await;
@@ -456,7 +468,7 @@ async fn patch_key(
         return Err(ApiError::conflict("a revoked key cannot be changed"));
     }
     for (name, v) in patch {
-        let bad = |what: &str| ApiError::bad_request(format!("{name} must be {what}"));
+        let bad = |what: &str| ApiError::invalid(name.clone(), format!("{name} must be {what}"));
         match name.as_str() {
             "name" => k.name = v.as_str().ok_or_else(|| bad("a string"))?.to_owned(),
             "models" => {
@@ -475,7 +487,7 @@ async fn patch_key(
                     serde_json::from_value(v).map_err(|_| bad("an RFC 3339 time or null"))?
             }
             "disabled" => k.disabled = v.as_bool().ok_or_else(|| bad("a boolean"))?,
-            other => return Err(ApiError::bad_request(format!("unknown field {other}"))),
+            other => return Err(ApiError::invalid(other, format!("unknown field {other}"))),
         }
     }
     b.put_key(&mut st, k.clone()).await?;
@@ -521,12 +533,13 @@ async fn grant_credits(
     let n: NewGrant = body(&bytes)?;
     let amount = money("amount", n.amount)?;
     if amount <= Decimal::ZERO {
-        return Err(ApiError::bad_request("amount must be positive"));
+        return Err(ApiError::invalid("amount", "amount must be positive"));
     }
     let now = Utc::now();
     let effective_at = n.effective_at.unwrap_or(now);
     if n.expires_at.is_some_and(|x| x <= effective_at) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
+            "expires_at",
             "expires_at must be after effective_at",
         ));
     }
@@ -633,7 +646,8 @@ async fn put_price(
     };
     price.validate().map_err(ApiError::bad_request)?;
     if model.is_empty() || model.len() > 256 {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::invalid(
+            "model",
             "model name must be 1 to 256 characters",
         ));
     }
@@ -721,7 +735,7 @@ async fn price_history(State(b): State<B>, Path(model): Path<String>) -> ApiResu
 async fn invoices_of(b: &Billing, tenant: &str) -> ApiResult<Vec<Value>> {
     let mut out: Vec<Value> = Vec::new();
     if let Some(draft) = b.draft(tenant).await? {
-        out.push(serde_json::to_value(draft).map_err(ApiError::internal)?);
+        out.push(serde_json::to_value(draft)?);
     }
     let st = b.state.lock().await;
     let mut done: Vec<&store::Invoice> = st
@@ -731,7 +745,7 @@ async fn invoices_of(b: &Billing, tenant: &str) -> ApiResult<Vec<Value>> {
         .collect();
     done.sort_by_key(|i| std::cmp::Reverse(i.period_start));
     for i in done {
-        out.push(serde_json::to_value(i).map_err(ApiError::internal)?);
+        out.push(serde_json::to_value(i)?);
     }
     Ok(out)
 }
@@ -749,7 +763,7 @@ async fn get_invoice(State(b): State<B>, Path(id): Path<String>) -> ApiResult<Js
         .invoices
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("no finalized invoice {id}")))?;
-    Ok(Json(serde_json::to_value(i).map_err(ApiError::internal)?))
+    Ok(Json(serde_json::to_value(i)?))
 }
 
 async fn finalize(State(b): State<B>, Path(tenant): Path<String>) -> ApiResult<Json<Value>> {
@@ -757,12 +771,12 @@ async fn finalize(State(b): State<B>, Path(tenant): Path<String>) -> ApiResult<J
         .finalize(&tenant, None)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no tenant {tenant}")))?;
-    Ok(Json(serde_json::to_value(inv).map_err(ApiError::internal)?))
+    Ok(Json(serde_json::to_value(inv)?))
 }
 
 async fn void_invoice(State(b): State<B>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     match b.void_invoice(&id).await? {
-        Ok(inv) => Ok(Json(serde_json::to_value(inv).map_err(ApiError::internal)?)),
+        Ok(inv) => Ok(Json(serde_json::to_value(inv)?)),
         Err("not_found") => Err(ApiError::not_found(format!("no finalized invoice {id}"))),
         Err(_) => Err(ApiError::conflict("only a finalized invoice can be voided")),
     }
@@ -804,16 +818,19 @@ async fn spend_rows(
         "model" if allowed.contains(&"model") => "model",
         "day" if allowed.contains(&"day") => "toString(toDate(occurred_at))",
         other => {
-            return Err(ApiError::bad_request(format!(
-                "group_by must be one of {}, got {other:?}",
-                allowed.join(", ")
-            )));
+            return Err(ApiError::invalid(
+                "group_by",
+                format!(
+                    "group_by must be one of {}, got {other:?}",
+                    allowed.join(", ")
+                ),
+            ));
         }
     };
     let to = q.to.unwrap_or_else(Utc::now);
     let from = q.from.unwrap_or_else(|| month_start(to));
     if from > to {
-        return Err(ApiError::bad_request("from must not be after to"));
+        return Err(ApiError::invalid("from", "from must not be after to"));
     }
     let sql = format!(
         "SELECT {column} AS group, toString(-sum(amount)) AS cost, count() AS requests,
@@ -831,8 +848,7 @@ async fn spend_rows(
             .bind(tenant.unwrap_or(""))
             .bind(tenant.unwrap_or(""))
             .fetch_all::<SpendRow>()
-            .await
-            .map_err(ApiError::internal)?;
+            .await?;
     let key = match group {
         "tenant" => "tenant_id",
         "key" => "key_id",

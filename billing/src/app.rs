@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::error::ResultExt as _;
 use crate::service::Billing;
 
 /// The process-wide Prometheus recorder.
@@ -36,7 +37,7 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let metrics = prometheus();
     let billing = Billing::open(config).await?;
     let work = CancellationToken::new();
@@ -50,14 +51,14 @@ pub async fn run(
             async move { m.render() }
         }),
     );
-    tracing::info!(addr = %listener.local_addr()?, "billing listening");
+    tracing::info!(addr = %listener.local_addr().internal_ctx(|| "local address".into())?, "billing listening");
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     work.cancel();
     let _ = tokio::join!(pricing, ticker, webhooks);
     drop(billing);
-    served?;
+    served.internal_ctx(|| "serve HTTP".into())?;
     Ok(())
 }
 
@@ -65,13 +66,17 @@ pub async fn run(
 /// and a handle that stops it when cancelled.
 pub async fn spawn(
     config: Config,
-) -> anyhow::Result<(
+) -> crate::error::Result<(
     std::net::SocketAddr,
     CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::task::JoinHandle<crate::error::Result<()>>,
 )> {
-    let listener = TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .internal_ctx(|| format!("listen on {}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .internal_ctx(|| "local address".into())?;
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(run(listener, config, shutdown.clone()));
     Ok((addr, shutdown, handle))

@@ -276,17 +276,33 @@ impl WebhooksConfig {
     }
 }
 
+/// An invalid configuration; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse (figment names the
+    /// key and where it came from).
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    /// A value parses but is not acceptable.
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
 impl Config {
     /// File (if any), then `TOLLGATE_BILLING__*` variables; `TOLLGATE_ADMIN_KEY`
     /// sets the master key when nothing else does.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut fig = Figment::new();
         if let Some(p) = path {
             fig = fig.merge(Toml::file_exact(p));
         }
         let mut config: Config = fig
             .merge(Env::prefixed("TOLLGATE_BILLING__").split("__"))
-            .extract()?;
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
         if config.admin_key.is_none() && config.admin_key_file.is_none() {
             config.admin_key = std::env::var("TOLLGATE_ADMIN_KEY").ok();
         }
@@ -294,30 +310,51 @@ impl Config {
         Ok(config)
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ensure = |ok: bool, field: &'static str, message: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid { field, message })
+            }
+        };
         if self.bus == BusKind::Kafka {
-            self.kafka.validate().map_err(|e| anyhow::anyhow!(e))?;
+            self.kafka
+                .validate()
+                .map_err(|message| ConfigError::Invalid {
+                    field: "kafka",
+                    message,
+                })?;
         }
         for t in &self.warning_thresholds {
-            anyhow::ensure!(
+            ensure(
                 *t > Decimal::ZERO && *t < Decimal::ONE,
-                "warning_thresholds must be fractions between 0 and 1, got {t}"
-            );
+                "warning_thresholds",
+                format!("warning_thresholds must be fractions between 0 and 1, got {t}"),
+            )?;
         }
         for (model, p) in &self.prices.models {
-            p.validate()
-                .map_err(|e| anyhow::anyhow!("prices.models.{model}: {e}"))?;
+            p.validate().map_err(|e| ConfigError::Invalid {
+                field: "prices.models",
+                message: format!("prices.models.{model}: {e}"),
+            })?;
         }
-        anyhow::ensure!(self.tick_ms > 0, "tick_ms must be positive");
-        anyhow::ensure!(
+        ensure(
+            self.tick_ms > 0,
+            "tick_ms",
+            "tick_ms must be positive".into(),
+        )?;
+        ensure(
             self.consumer.max_batch > 0,
-            "consumer.max_batch must be positive"
-        );
-        anyhow::ensure!(
+            "consumer.max_batch",
+            "consumer.max_batch must be positive".into(),
+        )?;
+        ensure(
             self.consumer.ack_wait_secs > 0
                 && self.consumer.ack_wait_secs * 1000 > self.consumer.max_wait_ms,
-            "consumer.ack_wait_secs must be at least 1 and longer than consumer.max_wait_ms"
-        );
+            "consumer.ack_wait_secs",
+            "consumer.ack_wait_secs must be at least 1 and longer than consumer.max_wait_ms".into(),
+        )?;
         Ok(())
     }
 
@@ -327,26 +364,34 @@ impl Config {
     }
 
     /// The master key, from `admin_key` or the file `admin_key_file`.
-    pub fn admin_key(&self) -> anyhow::Result<String> {
+    pub fn admin_key(&self) -> Result<String, ConfigError> {
+        let short = || ConfigError::Invalid {
+            field: "admin_key",
+            message: "the admin key must be at least 16 characters".into(),
+        };
         if let Some(k) = &self.admin_key {
-            anyhow::ensure!(
-                k.len() >= 16,
-                "the admin key must be at least 16 characters"
-            );
+            if k.len() < 16 {
+                return Err(short());
+            }
             return Ok(k.clone());
         }
         if let Some(path) = &self.admin_key_file {
             let k = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("read admin_key_file {}: {e}", path.display()))?
+                .map_err(|e| ConfigError::Invalid {
+                    field: "admin_key_file",
+                    message: format!("read admin_key_file {}: {e}", path.display()),
+                })?
                 .trim()
                 .to_owned();
-            anyhow::ensure!(
-                k.len() >= 16,
-                "the admin key must be at least 16 characters"
-            );
+            if k.len() < 16 {
+                return Err(short());
+            }
             return Ok(k);
         }
-        anyhow::bail!("no admin key: set admin_key_file, admin_key or TOLLGATE_ADMIN_KEY")
+        Err(ConfigError::Invalid {
+            field: "admin_key",
+            message: "no admin key: set admin_key_file, admin_key or TOLLGATE_ADMIN_KEY".into(),
+        })
     }
 
     pub fn thresholds(&self) -> Vec<Decimal> {
@@ -354,5 +399,44 @@ impl Config {
         t.sort();
         t.dedup();
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_value_is_a_config_error_naming_the_field() {
+        let config = Config {
+            tick_ms: 0,
+            ..Config::default()
+        };
+        match config.validate() {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "tick_ms");
+                assert_eq!(message, "tick_ms must be positive");
+            }
+            other => panic!("expected an invalid tick_ms, got {other:?}"),
+        }
+        let config = Config {
+            admin_key: Some("short".into()),
+            ..Config::default()
+        };
+        let e = config.admin_key().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    field: "admin_key",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the admin key must be at least 16 characters"
+        );
     }
 }

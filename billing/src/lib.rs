@@ -8,12 +8,15 @@
 //! - [`priced`]: the contiguous "priced up to" marker gateways trust, pure.
 //! - [`webhooks`]: endpoints, the durable delivery queue and the worker.
 //! - [`admin`]: the admin and tenant HTTP APIs; [`app`]: the lifecycle.
+//! - [`error`]: the crate's one error type (client mistake, dependency
+//!   outage, bug); [`api_error`]: the one place it becomes an HTTP status.
 //! - [`trace`]: the pricing spans, linked to the events' traces.
 
 pub mod admin;
 pub mod api_error;
 pub mod app;
 pub mod config;
+pub mod error;
 pub mod invoice;
 pub mod ledger;
 pub mod priced;

@@ -46,6 +46,7 @@ use tollgate_schemas::records::{
 };
 
 use crate::config::Config;
+use crate::error::Error;
 use crate::invoice::{self, PricedUsage};
 use crate::ledger::{Grant, TenantLedger};
 use crate::priced::Priced;
@@ -135,13 +136,13 @@ pub fn trunc_secs(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
-fn dec(s: &str) -> anyhow::Result<Decimal> {
+fn dec(s: &str) -> crate::error::Result<Decimal> {
     s.parse::<Decimal>()
-        .map_err(|e| anyhow::anyhow!("decimal {s:?} from ClickHouse: {e}"))
+        .map_err(|e| Error::internal(format!("decimal {s:?} from ClickHouse"), e))
 }
 
-fn ch_dec(d: Decimal) -> anyhow::Result<i128> {
-    to_ch_decimal(d).map_err(|e| anyhow::anyhow!("{e}"))
+fn ch_dec(d: Decimal) -> crate::error::Result<i128> {
+    to_ch_decimal(d).map_err(|e| Error::bug(e.to_string()))
 }
 
 fn now_micros() -> u64 {
@@ -259,7 +260,7 @@ impl State {
 
 impl Billing {
     /// Connects, migrates, opens every bucket and rebuilds the state.
-    pub async fn open(config: Config) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(config: Config) -> crate::error::Result<Arc<Self>> {
         let admin_key = config.admin_key()?;
         let names = Names::namespaced(&config.nats.namespace);
         let jsbus =
@@ -308,14 +309,14 @@ impl Billing {
         Ok(billing)
     }
 
-    async fn load(&self) -> anyhow::Result<()> {
+    async fn load(&self) -> crate::error::Result<()> {
         let mut st = self.state.lock().await;
         self.load_into(&mut st).await
     }
 
     /// Fills `st` (a fresh state, or one carrying only the marker) from
     /// KV, ClickHouse and the bus.
-    async fn load_into(&self, st: &mut State) -> anyhow::Result<()> {
+    async fn load_into(&self, st: &mut State) -> crate::error::Result<()> {
         let now = Utc::now();
         st.month_start = month_start(now);
         for (_, book) in store::list_json::<PriceBook>(&self.kv_prices, "v.").await? {
@@ -428,7 +429,7 @@ impl Billing {
         let expiry_of: HashMap<String, Decimal> = expiries
             .into_iter()
             .map(|s| Ok((s.id, dec(&s.amount)?)))
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<crate::error::Result<_>>()?;
         let tenants: BTreeSet<String> = st
             .tenants
             .keys()
@@ -475,7 +476,7 @@ impl Billing {
         Ok(())
     }
 
-    pub async fn insert_ledger(&self, rows: &[LedgerRow]) -> anyhow::Result<()> {
+    pub async fn insert_ledger(&self, rows: &[LedgerRow]) -> crate::error::Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -699,7 +700,7 @@ impl Billing {
     }
 
     /// Steps (2) to (6) of the module docs, for one attempt at a batch.
-    async fn price_batch(&self, batch: &Prepared) -> anyhow::Result<()> {
+    async fn price_batch(&self, batch: &Prepared) -> crate::error::Result<()> {
         if self.state.lock().await.needs_reload {
             self.reload().await?;
         }
@@ -882,7 +883,7 @@ impl Billing {
     /// marker (which no durable record holds exactly). The state is replaced
     /// only once the rebuild succeeded: with ClickHouse down the old one
     /// stays, flagged for another try before the next batch is priced.
-    pub async fn reload(&self) -> anyhow::Result<()> {
+    pub async fn reload(&self) -> crate::error::Result<()> {
         let mut st = self.state.lock().await;
         let mut fresh = State {
             priced: st.priced.clone(),
@@ -914,7 +915,7 @@ impl Billing {
         tenants: &[String],
         keys: &[String],
         touched: bool,
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         let now = Utc::now();
         // (scope, id, tenant, remaining, limit)
         type Wanted = (QuotaScope, String, String, Option<Decimal>, Option<Decimal>);
@@ -1043,7 +1044,7 @@ impl Billing {
         }
     }
 
-    pub async fn tick(&self) -> anyhow::Result<()> {
+    pub async fn tick(&self) -> crate::error::Result<()> {
         let now = Utc::now();
         let due: Vec<(String, DateTime<Utc>)> = {
             let mut st = self.state.lock().await;
@@ -1122,7 +1123,7 @@ impl Billing {
         tenant: &str,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> anyhow::Result<Vec<PricedUsage>> {
+    ) -> crate::error::Result<Vec<PricedUsage>> {
         #[derive(clickhouse::Row, serde::Deserialize)]
         struct U {
             model: String,
@@ -1223,20 +1224,20 @@ impl Billing {
         tenant: &str,
         start: DateTime<Utc>,
         end: DateTime<Utc>,
-    ) -> anyhow::Result<Invoice> {
+    ) -> crate::error::Result<Invoice> {
         let st = self.state.lock().await;
         let mut t = st
             .tenants
             .get(tenant)
             .cloned()
-            .ok_or_else(|| anyhow::anyhow!("no tenant {tenant}"))?;
+            .ok_or_else(|| Error::not_found(format!("no tenant {tenant}")))?;
         t.period_start = start;
         self.compute_invoice(&st, &t, end, InvoiceStatus::Finalized)
             .await
     }
 
     /// The open invoice of `tenant` as of now (status draft).
-    pub async fn draft(&self, tenant: &str) -> anyhow::Result<Option<Invoice>> {
+    pub async fn draft(&self, tenant: &str) -> crate::error::Result<Option<Invoice>> {
         let st = self.state.lock().await;
         let Some(t) = st.tenants.get(tenant).cloned() else {
             return Ok(None);
@@ -1253,7 +1254,7 @@ impl Billing {
         t: &Tenant,
         end: DateTime<Utc>,
         status: InvoiceStatus,
-    ) -> anyhow::Result<Invoice> {
+    ) -> crate::error::Result<Invoice> {
         let usage = self.priced_usage(st, &t.id, t.period_start, end).await?;
         let lines = invoice::lines(&usage);
         let id = Self::invoice_id(&t.id, t.period_start);
@@ -1308,7 +1309,7 @@ impl Billing {
         &self,
         tenant: &str,
         end: Option<DateTime<Utc>>,
-    ) -> anyhow::Result<Option<Invoice>> {
+    ) -> crate::error::Result<Option<Invoice>> {
         self.catch_up().await;
         let mut st = self.state.lock().await;
         let Some(t) = st.tenants.get(tenant).cloned() else {
@@ -1355,7 +1356,11 @@ impl Billing {
         Ok(Some(inv))
     }
 
-    pub async fn write_invoice_rows(&self, inv: &Invoice, version: u64) -> anyhow::Result<()> {
+    pub async fn write_invoice_rows(
+        &self,
+        inv: &Invoice,
+        version: u64,
+    ) -> crate::error::Result<()> {
         let mut insert = self.ch.insert::<InvoiceRow>("invoices_store").await?;
         insert
             .write(&InvoiceRow {
@@ -1395,7 +1400,10 @@ impl Billing {
     }
 
     /// finalized → void. Its credits become available to later invoices.
-    pub async fn void_invoice(&self, id: &str) -> anyhow::Result<Result<Invoice, &'static str>> {
+    pub async fn void_invoice(
+        &self,
+        id: &str,
+    ) -> crate::error::Result<Result<Invoice, &'static str>> {
         let mut st = self.state.lock().await;
         let Some(mut inv) = st.invoices.get(id).cloned() else {
             return Ok(Err("not_found"));
@@ -1415,7 +1423,7 @@ impl Billing {
     // ------------------------------------------------------------- mutations
 
     /// Records a grant: KV, ClickHouse, ledger, snapshot, webhook.
-    pub async fn grant(&self, g: Grant) -> anyhow::Result<Grant> {
+    pub async fn grant(&self, g: Grant) -> crate::error::Result<Grant> {
         let mut st = self.state.lock().await;
         store::put_json(&self.kv_billing, &format!("grant.{}", g.id), &g).await?;
         self.insert_ledger(&[grant_row(&g)?]).await?;
@@ -1451,7 +1459,7 @@ impl Billing {
         Ok(g)
     }
 
-    pub async fn put_tenant(&self, st: &mut State, t: Tenant) -> anyhow::Result<()> {
+    pub async fn put_tenant(&self, st: &mut State, t: Tenant) -> crate::error::Result<()> {
         store::put_json(&self.kv_billing, &format!("tenant.{}", t.id), &t).await?;
         let id = t.id.clone();
         st.tenants.insert(id.clone(), t);
@@ -1462,7 +1470,7 @@ impl Billing {
             .await
     }
 
-    pub async fn put_key(&self, st: &mut State, k: KeyRecord) -> anyhow::Result<()> {
+    pub async fn put_key(&self, st: &mut State, k: KeyRecord) -> crate::error::Result<()> {
         store::put_json(&self.kv_keys, &k.secret_sha256, &k).await?;
         st.key_by_hash
             .insert(k.secret_sha256.clone(), k.key_id.clone());
@@ -1473,7 +1481,7 @@ impl Billing {
     }
 }
 
-fn grant_row(g: &Grant) -> anyhow::Result<LedgerRow> {
+fn grant_row(g: &Grant) -> crate::error::Result<LedgerRow> {
     Ok(LedgerRow {
         entry_id: g.id.clone(),
         tenant_id: g.tenant_id.clone(),

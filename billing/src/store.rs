@@ -86,7 +86,7 @@ pub struct Invoice {
 pub async fn get_json<T: DeserializeOwned>(
     store: &kv::Store,
     key: &str,
-) -> anyhow::Result<Option<T>> {
+) -> crate::error::Result<Option<T>> {
     match store.get(key).await? {
         Some(bytes) if !bytes.is_empty() => Ok(Some(serde_json::from_slice(&bytes)?)),
         _ => Ok(None),
@@ -97,7 +97,7 @@ pub async fn put_json<T: Serialize>(
     store: &kv::Store,
     key: &str,
     value: &T,
-) -> anyhow::Result<u64> {
+) -> crate::error::Result<u64> {
     Ok(store.put(key, serde_json::to_vec(value)?.into()).await?)
 }
 
@@ -105,7 +105,7 @@ pub async fn put_json<T: Serialize>(
 pub async fn list_json<T: DeserializeOwned>(
     store: &kv::Store,
     prefix: &str,
-) -> anyhow::Result<Vec<(String, T)>> {
+) -> crate::error::Result<Vec<(String, T)>> {
     let mut keys = store.keys().await?;
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {

@@ -62,7 +62,7 @@ output_per_million = "0"
 pub struct Billing {
     pub url: String,
     stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<tollgate_billing::error::Result<()>>>,
     pub http: reqwest::Client,
 }
 

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tollgate_schemas::bus::{EventBus, JetStreamBus, Outgoing, StreamSettings};
 use tollgate_schemas::events::{Event, EventKind};
-use tollgate_tests::billing::{Billing, billing_config};
-use tollgate_tests::harness::TestEnv;
+use tollgate_tests::billing::{ADMIN_KEY, Billing, billing_config};
+use tollgate_tests::harness::{ClickHouseServer, TestEnv};
 use tollgate_tests::stack::{self, Service};
 
 struct World {
@@ -510,6 +510,7 @@ async fn admin_errors_are_clear_and_isolated() {
         (s, v["error"]["type"].as_str()),
         (400, Some("invalid_request_error"))
     );
+    assert_eq!(v["error"]["field"], "id", "{v}");
     let (s, _) = w
         .billing
         .admin(
@@ -546,6 +547,7 @@ async fn admin_errors_are_clear_and_isolated() {
         )
         .await;
     assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["field"], "amount", "a 400 names the field: {v}");
     let (s, v) = w
         .billing
         .admin(
@@ -633,4 +635,76 @@ async fn admin_errors_are_clear_and_isolated() {
         .unwrap();
     let doc: Value = r.json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+}
+
+/// An admin call that needs ClickHouse while ClickHouse is down is the
+/// dependency's outage, not a bug: 503 with `Retry-After`, in the usual error
+/// shape, and billing answers again once ClickHouse is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_call_while_clickhouse_is_down_is_a_503_with_retry_after() {
+    let mut clickhouse = tokio::task::spawn_blocking(ClickHouseServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut env = TestEnv::new();
+    env.clickhouse_url = clickhouse.http_url();
+    let billing = Billing::start(billing_config(&env)).await;
+    let spend = || async {
+        billing
+            .http
+            .get(format!("{}/admin/spend", billing.url))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(spend().await.status(), 200);
+
+    clickhouse = tokio::task::spawn_blocking(move || {
+        clickhouse.stop();
+        clickhouse
+    })
+    .await
+    .unwrap();
+    let r = spend().await;
+    assert_eq!(r.status(), 503);
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .expect("a 503 carries Retry-After")
+        .to_str()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    assert!(retry > 0);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "unavailable_error", "{v}");
+    assert_eq!(v["error"]["retry_after"], retry, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ClickHouse"),
+        "{v}"
+    );
+    // Calls that need only billing's own state still answer.
+    let (s, _) = billing.admin("GET", "/admin/tenants", None).await;
+    assert_eq!(s, 200);
+
+    clickhouse = tokio::task::spawn_blocking(move || {
+        clickhouse.restart().unwrap();
+        clickhouse
+    })
+    .await
+    .unwrap();
+    let back = Instant::now();
+    while spend().await.status() != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "billing never answered after ClickHouse came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    billing.kill();
+    drop(clickhouse);
 }

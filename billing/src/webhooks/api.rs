@@ -91,10 +91,13 @@ fn check_events(events: Option<Vec<String>>) -> ApiResult<Option<Vec<String>>> {
         return Ok(None);
     };
     if let Some(bad) = events.iter().find(|e| !is_event_type(e)) {
-        return Err(ApiError::bad_request(format!(
-            "unknown event type {bad:?}; expected any of {}",
-            super::EVENT_TYPES.join(", ")
-        )));
+        return Err(ApiError::invalid(
+            "events",
+            format!(
+                "unknown event type {bad:?}; expected any of {}",
+                super::EVENT_TYPES.join(", ")
+            ),
+        ));
     }
     events.sort();
     events.dedup();
@@ -106,10 +109,10 @@ fn check_events(events: Option<Vec<String>>) -> ApiResult<Option<Vec<String>>> {
 }
 
 async fn check_url(inner: &Inner, raw: &str) -> ApiResult<String> {
-    let url = guard::parse_url(raw).map_err(|e| ApiError::bad_request(e.0))?;
+    let url = guard::parse_url(raw).map_err(|e| ApiError::invalid("url", e.0))?;
     guard::check_url(&url, inner.config.allow_private)
         .await
-        .map_err(|e| ApiError::bad_request(e.0))?;
+        .map_err(|e| ApiError::invalid("url", e.0))?;
     Ok(url.to_string())
 }
 
@@ -271,13 +274,14 @@ async fn deliveries(
                     .parse::<u64>()
                     .ok()
                     .filter(|l| (1..=1000).contains(l))
-                    .ok_or_else(|| ApiError::bad_request("limit must be 1 to 1000"))?;
+                    .ok_or_else(|| ApiError::invalid("limit", "limit must be 1 to 1000"))?;
             }
             "delivery_id" => delivery_id = Some(v.into_owned()),
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown query parameter {other:?}"
-                )));
+                return Err(ApiError::invalid(
+                    other,
+                    format!("unknown query parameter {other:?}"),
+                ));
             }
         }
     }
@@ -288,8 +292,7 @@ async fn deliveries(
         delivery_id.as_deref(),
         limit,
     )
-    .await
-    .map_err(ApiError::internal)?;
+    .await?;
     let data: Vec<Value> = rows.iter().map(log::DeliveryRow::view).collect();
     Ok(Json(json!({ "data": data })))
 }
@@ -307,8 +310,7 @@ async fn redeliver(
         return Err(unknown());
     }
     let known = log::lookup(&api.inner.ch, &tenant_id, &delivery_id)
-        .await
-        .map_err(ApiError::internal)?
+        .await?
         .ok_or_else(unknown)?;
     if known.last_outcome == log::Outcome::Failed.as_str() {
         return Err(ApiError::conflict(

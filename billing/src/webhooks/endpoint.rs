@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use crate::error::{Error, ResultExt as _};
 use async_nats::jetstream::{
     self,
     consumer::{DeliverPolicy, ReplayPolicy, push},
@@ -121,7 +121,7 @@ impl Endpoints {
     }
 
     /// The record and its revision; `None` when absent, deleted or malformed id.
-    async fn entry(&self, id: &str) -> anyhow::Result<Option<(Endpoint, u64)>> {
+    async fn entry(&self, id: &str) -> crate::error::Result<Option<(Endpoint, u64)>> {
         if !plausible_id(id) {
             return Ok(None);
         }
@@ -132,24 +132,28 @@ impl Endpoints {
             return Ok(None);
         }
         let ep: Endpoint = serde_json::from_slice(&entry.value)
-            .with_context(|| format!("decode webhook endpoint {id}"))?;
+            .internal_ctx(|| format!("decode webhook endpoint {id}"))?;
         Ok(Some((ep, entry.revision)))
     }
 
-    pub async fn get(&self, id: &str) -> anyhow::Result<Option<Endpoint>> {
+    pub async fn get(&self, id: &str) -> crate::error::Result<Option<Endpoint>> {
         Ok(self.entry(id).await?.map(|(ep, _)| ep))
     }
 
     /// The endpoint if it exists and belongs to `tenant_id`.
-    pub async fn get_for(&self, tenant_id: &str, id: &str) -> anyhow::Result<Option<Endpoint>> {
+    pub async fn get_for(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> crate::error::Result<Option<Endpoint>> {
         Ok(self.get(id).await?.filter(|ep| ep.tenant_id == tenant_id))
     }
 
-    pub async fn create(&self, ep: &Endpoint) -> anyhow::Result<()> {
+    pub async fn create(&self, ep: &Endpoint) -> crate::error::Result<()> {
         self.kv
             .create(Self::key(&ep.id), serde_json::to_vec(ep)?.into())
             .await
-            .with_context(|| format!("create webhook endpoint {}", ep.id))?;
+            .nats_ctx(|| format!("create webhook endpoint {}", ep.id))?;
         Ok(())
     }
 
@@ -161,7 +165,7 @@ impl Endpoints {
         tenant_id: &str,
         id: &str,
         change: impl Fn(&mut Endpoint),
-    ) -> anyhow::Result<Option<Endpoint>> {
+    ) -> crate::error::Result<Option<Endpoint>> {
         for _ in 0..8 {
             let Some((mut ep, revision)) = self.entry(id).await? else {
                 return Ok(None);
@@ -178,21 +182,23 @@ impl Endpoints {
             {
                 Ok(_) => return Ok(Some(ep)),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(e).context("update webhook endpoint"),
+                Err(e) => return Err(Error::nats("update webhook endpoint", e)),
             }
         }
-        bail!("webhook endpoint {id} kept changing under concurrent updates")
+        Err(Error::conflict(format!(
+            "webhook endpoint {id} kept changing under concurrent updates"
+        )))
     }
 
     /// Deletes the tenant's endpoint; false when it did not exist.
-    pub async fn delete(&self, tenant_id: &str, id: &str) -> anyhow::Result<bool> {
+    pub async fn delete(&self, tenant_id: &str, id: &str) -> crate::error::Result<bool> {
         if self.get_for(tenant_id, id).await?.is_none() {
             return Ok(false);
         }
         self.kv
             .delete(Self::key(id))
             .await
-            .context("delete webhook endpoint")?;
+            .nats_ctx(|| "delete webhook endpoint".into())?;
         Ok(true)
     }
 
@@ -201,7 +207,7 @@ impl Endpoints {
     /// One pass over the latest value of each `webhook.*` key (an ordered
     /// consumer, last per subject), filtered here: the tenant is inside the
     /// record, not the key, so tenant ids need no escaping.
-    pub async fn list_tenant(&self, tenant_id: &str) -> anyhow::Result<Vec<Endpoint>> {
+    pub async fn list_tenant(&self, tenant_id: &str) -> crate::error::Result<Vec<Endpoint>> {
         let mut out: Vec<Endpoint> = self
             .scan()
             .await?
@@ -212,7 +218,7 @@ impl Endpoints {
         Ok(out)
     }
 
-    async fn scan(&self) -> anyhow::Result<Vec<Endpoint>> {
+    async fn scan(&self) -> crate::error::Result<Vec<Endpoint>> {
         let filter = format!("{}{PREFIX}>", self.kv.prefix);
         let consumer = self
             .kv
@@ -226,7 +232,7 @@ impl Endpoints {
                 ..Default::default()
             })
             .await
-            .context("scan webhook endpoints")?;
+            .nats_ctx(|| "scan webhook endpoints".into())?;
         if consumer.cached_info().num_pending == 0 {
             return Ok(Vec::new());
         }
@@ -234,9 +240,9 @@ impl Endpoints {
         let mut out = Vec::new();
         loop {
             let msg = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-                Err(_) => bail!("scan webhook endpoints: timed out"),
+                Err(e) => return Err(Error::nats("scan webhook endpoints: timed out", e)),
                 Ok(None) => break,
-                Ok(Some(m)) => m.context("scan webhook endpoints")?,
+                Ok(Some(m)) => m.nats_ctx(|| "scan webhook endpoints".into())?,
             };
             let pending = msg.info().map(|i| i.pending).unwrap_or(0);
             let deleted = msg

@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use url::{Host, Url};
 
 use super::WebhookConfig;
@@ -189,7 +189,7 @@ impl reqwest::dns::Resolve for GuardResolver {
 
 /// The client every attempt uses: guarded DNS, no redirects (a 3xx is a
 /// failed attempt), no proxy from the environment, the attempt timeout.
-pub(crate) fn http_client(config: &WebhookConfig) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn http_client(config: &WebhookConfig) -> crate::error::Result<reqwest::Client> {
     reqwest::Client::builder()
         .dns_resolver(GuardResolver {
             allow_private: config.allow_private,
@@ -201,7 +201,7 @@ pub(crate) fn http_client(config: &WebhookConfig) -> anyhow::Result<reqwest::Cli
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("Tollgate-Webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
-        .context("build the webhook HTTP client")
+        .internal_ctx(|| "build the webhook HTTP client".into())
 }
 
 #[cfg(test)]

@@ -57,7 +57,8 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use crate::config::ConfigError;
+use crate::error::{Error, ResultExt as _};
 use async_nats::jetstream;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -110,15 +111,30 @@ impl Default for WebhookConfig {
 }
 
 impl WebhookConfig {
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_owned(),
+            })
+        };
         if self.timeout.is_zero() {
-            bail!("webhooks: timeout must be positive");
+            return invalid(
+                "webhooks.timeout_secs",
+                "webhooks: timeout must be positive",
+            );
         }
         if self.max_age.is_zero() {
-            bail!("webhooks: max_age must be positive");
+            return invalid(
+                "webhooks.max_age_secs",
+                "webhooks: max_age must be positive",
+            );
         }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
-            bail!("webhooks: need 0 < backoff_base <= backoff_max");
+            return invalid(
+                "webhooks.backoff_base_ms",
+                "webhooks: need 0 < backoff_base <= backoff_max",
+            );
         }
         Ok(())
     }
@@ -149,11 +165,11 @@ impl Webhooks {
         ch: clickhouse::Client,
         db: &str,
         config: WebhookConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::error::Result<Self> {
         config.validate()?;
         let kv = tollgate_schemas::kv::ensure(&js, &names.kv_billing, 1)
             .await
-            .context("open the billing KV bucket")?;
+            .nats_ctx(|| "open the billing KV bucket".into())?;
         let endpoints = Endpoints::new(js.clone(), kv);
         let queue = Queue::open(js, names, &config).await?;
         let http = guard::http_client(&config)?;
@@ -181,19 +197,21 @@ impl Webhooks {
         event_type: &str,
         data: Value,
         idempotency_key: &str,
-    ) -> anyhow::Result<()> {
+    ) -> crate::error::Result<()> {
         if !is_event_type(event_type) {
-            bail!("unknown webhook event type {event_type:?}");
+            return Err(Error::bug(format!(
+                "unknown webhook event type {event_type:?}"
+            )));
         }
         let Value::Object(mut data) = data else {
-            bail!("webhook event data must be a JSON object");
+            return Err(Error::bug("webhook event data must be a JSON object"));
         };
         match data.get("tenant_id") {
             None => {
                 data.insert("tenant_id".into(), Value::String(tenant_id.to_owned()));
             }
             Some(Value::String(t)) if t == tenant_id => {}
-            Some(_) => bail!("webhook event data names another tenant_id"),
+            Some(_) => return Err(Error::bug("webhook event data names another tenant_id")),
         }
         let targets: Vec<_> = self
             .inner
@@ -239,7 +257,7 @@ impl Webhooks {
             }
         }
         match first_error {
-            Some(e) => Err(e.context("enqueue webhook delivery")),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }

@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::error::{Error, ResultExt as _};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{
     self,
@@ -110,7 +110,7 @@ impl Queue {
         js: jetstream::Context,
         names: &Names,
         config: &WebhookConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::error::Result<Self> {
         let wanted = stream::Config {
             name: names.webhooks_stream.clone(),
             subjects: vec![names.webhooks_filter()],
@@ -124,7 +124,7 @@ impl Queue {
         let mut stream = js
             .get_or_create_stream(wanted.clone())
             .await
-            .with_context(|| format!("stream {}", wanted.name))?;
+            .nats_ctx(|| format!("stream {}", wanted.name))?;
         let current = stream.info().await?.config.clone();
         if current.max_age != wanted.max_age
             || current.duplicate_window != wanted.duplicate_window
@@ -136,7 +136,7 @@ impl Queue {
             update.subjects = wanted.subjects.clone();
             js.update_stream(update)
                 .await
-                .with_context(|| format!("update stream {}", wanted.name))?;
+                .nats_ctx(|| format!("update stream {}", wanted.name))?;
             stream = js.get_stream(&wanted.name).await?;
         }
 
@@ -155,7 +155,7 @@ impl Queue {
         let mut consumer: PullConsumer = stream
             .get_or_create_consumer(CONSUMER, consumer_config.clone())
             .await
-            .context("webhook consumer")?;
+            .nats_ctx(|| "webhook consumer".into())?;
         let info = consumer.info().await?.config.clone();
         if info.ack_wait != consumer_config.ack_wait
             || info.max_deliver != consumer_config.max_deliver
@@ -166,7 +166,7 @@ impl Queue {
             consumer = stream
                 .update_consumer(consumer_config)
                 .await
-                .context("update webhook consumer")?;
+                .nats_ctx(|| "update webhook consumer".into())?;
         }
         Ok(Self {
             js,
@@ -182,7 +182,12 @@ impl Queue {
 
     /// Publishes one delivery with `msg_id` as `Nats-Msg-Id`; true when the
     /// server reported it a duplicate (already enqueued).
-    pub async fn publish(&self, job: &Job, body: Bytes, msg_id: &str) -> anyhow::Result<bool> {
+    pub async fn publish(
+        &self,
+        job: &Job,
+        body: Bytes,
+        msg_id: &str,
+    ) -> crate::error::Result<bool> {
         let subject = subject(&self.names, &job.endpoint_id, &job.webhook_id);
         let ack = self
             .js
@@ -203,13 +208,13 @@ impl Queue {
         &self,
         endpoint_id: &str,
         delivery_id: &str,
-    ) -> anyhow::Result<Option<(Job, Bytes)>> {
+    ) -> crate::error::Result<Option<(Job, Bytes)>> {
         use jetstream::stream::LastRawMessageErrorKind as K;
         let subject = subject(&self.names, endpoint_id, delivery_id);
         match self.stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => Ok(Job::from_headers(Some(&m.headers)).map(|job| (job, m.payload))),
             Err(e) if matches!(e.kind(), K::NoMessageFound) => Ok(None),
-            Err(e) => Err(e).context("look up a queued webhook delivery"),
+            Err(e) => Err(Error::nats("look up a queued webhook delivery", e)),
         }
     }
 }
