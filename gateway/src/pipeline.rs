@@ -29,13 +29,13 @@ use tollgate_schemas::events::{
 use tollgate_schemas::records::KeyRecord;
 use tracing::{Instrument, Span};
 
-use crate::app::{App, RequestId};
 use crate::auth::presented_secret;
 use crate::config::ProviderKind;
 use crate::error::{ApiStyle, GatewayError};
 use crate::limits::{Limiter, Permit};
 use crate::routing::Deployment;
 use crate::sse::{OpenAiRelay, OpenAiUsage, SseEvent, SseFramer};
+use crate::state::{App, RequestId};
 use crate::translate::{self, StreamTranslator};
 use crate::{events, proxy, tokens, trace, validate};
 
@@ -212,7 +212,12 @@ pub fn record_request(app: &App, traceparent: &str, event: RequestEvent) {
     .increment(1);
     metrics::histogram!("tollgate_gateway_request_duration_seconds", "route" => event.route.clone())
         .record(event.latency_ms as f64 / 1000.0);
-    events::emit(app, &Event::Request(event), traceparent);
+    events::emit(
+        &app.publisher,
+        &app.names,
+        &Event::Request(event),
+        traceparent,
+    );
 }
 
 /// Reads the body within the size limit (413) and the body read timeout
@@ -659,7 +664,12 @@ impl Finish {
         self.app
             .quotas
             .debit(&self.key, &event.meta().id.to_string(), cost);
-        events::emit(&self.app, &event, &self.traceparent);
+        events::emit(
+            &self.app.publisher,
+            &self.app.names,
+            &event,
+            &self.traceparent,
+        );
         if tollgate_telemetry::enabled() {
             let served = match &event {
                 Event::Usage(u) => u.model.as_str(),
