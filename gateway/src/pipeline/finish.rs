@@ -11,8 +11,8 @@ use tollgate_schemas::events::{Event, EventMeta, TokenCounts, UsageEvent};
 use tollgate_schemas::records::KeyRecord;
 use tracing::Span;
 
-use super::Surface;
 use super::admission::Admission;
+use super::surface::Surface;
 use crate::config::ProviderKind;
 use crate::routing::Deployment;
 use crate::state::{App, RequestId};

@@ -9,8 +9,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tollgate_schemas::events::TokenCounts;
 
-use super::Surface;
 use super::finish::Finish;
+use super::surface::Surface;
 use crate::config::ProviderKind;
 use crate::error::GatewayError;
 use crate::sse::OpenAiUsage;

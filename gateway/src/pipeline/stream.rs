@@ -12,8 +12,8 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use futures::stream::BoxStream;
 
-use super::Surface;
 use super::finish::Finish;
+use super::surface::Surface;
 use crate::config::ProviderKind;
 use crate::error::ApiStyle;
 use crate::sse::{OpenAiRelay, SseEvent, SseFramer};

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::Surface;
+use super::surface::Surface;
 use crate::config::ProviderKind;
 use crate::error::GatewayError;
 use crate::routing::Deployment;
