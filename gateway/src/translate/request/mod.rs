@@ -19,7 +19,7 @@
 //! `seed`, penalties, `logit_bias`, `store`, OpenAI `metadata`,
 //! `reasoning_effort`, `verbosity`, `prompt_cache_key`.
 //!
-//! Refused ([`TranslateError::Invalid`]): Anthropic server tools and
+//! Refused ([`TranslateError::Invalid`](crate::translate::TranslateError::Invalid)): Anthropic server tools and
 //! server-side content blocks, images or documents inside `tool_result`,
 //! Files-API sources; OpenAI `n > 1`, `response_format` other than `text`,
 //! `logprobs`, audio, `file_id` files, legacy `functions`/`function_call`,
