@@ -16,12 +16,12 @@ use tollgate_schemas::events::{
 };
 use tracing::Instrument;
 
-use crate::app::{App, RequestId};
 use crate::config::ProviderKind;
 use crate::error::{ApiStyle, GatewayError};
 use crate::pipeline::{
     self, Surface, authenticate, model_of, parse_object, read_body, resolve_model,
 };
+use crate::state::{App, RequestId};
 use crate::{events, tokens, validate};
 
 pub async fn messages(
@@ -71,7 +71,7 @@ pub async fn count_tokens(
             input_tokens: n,
             source,
         });
-        events::emit(&app, &event, &traceparent);
+        events::emit(&app.publisher, &app.names, &event, &traceparent);
         Ok::<_, GatewayError>(axum::Json(serde_json::json!({"input_tokens": n})).into_response())
     }
     .instrument(span.clone())

@@ -1,4 +1,5 @@
-//! The gateway's state, routes and lifecycle.
+//! The gateway's routes and lifecycle: [`build`] makes the shared
+//! [`AppState`], [`routes`] serves it, [`run`] runs and drains it.
 //!
 //! Shutdown order: cancel → stop accepting and drain in-flight requests and
 //! streams ([`crate::server`]'s graceful shutdown) → flush the event publisher (publish
@@ -18,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tollgate_schemas::Names;
 use tollgate_schemas::bus::{EventBus, JetStreamBus, StreamSettings};
 use tollgate_schemas::events::EventKind;
-use tollgate_schemas::records::PriceBook;
 
 use crate::auth::KeyStore;
 use crate::config::Config;
@@ -28,38 +28,9 @@ use crate::prices::PriceFeed;
 use crate::publisher::{AckHook, Publisher, PublisherConfig, PublisherHandle};
 use crate::quota::Quotas;
 use crate::routing::Router as ModelRouter;
+use crate::state::{App, AppState, RequestId};
 use crate::state_cache::{self, StateCache};
 use crate::{anthropic, openai, telemetry};
-
-pub struct AppState {
-    pub config: Config,
-    pub names: Names,
-    pub router: ModelRouter,
-    pub keys: KeyStore,
-    pub limits: Limits,
-    pub quotas: Quotas,
-    /// The book in force: billing's from KV ([`PriceFeed`]), else the config's.
-    pub prices: RwLock<Arc<PriceBook>>,
-    pub bus: Arc<dyn EventBus>,
-    pub publisher: Publisher,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-}
-
-pub type App = Arc<AppState>;
-
-impl AppState {
-    pub fn price_book(&self) -> Arc<PriceBook> {
-        match self.prices.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-}
-
-/// The request id of this request: `x-request-id` on the response and
-/// `request_id` in its events.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
 
 /// How long start-up waits for NATS before it serves from its spool and its
 /// on-disk state cache instead (each bucket and the streams, concurrently).
@@ -166,7 +137,7 @@ pub async fn build(config: Config) -> anyhow::Result<Started> {
         router: ModelRouter::new(&config)?,
         limits: Limits::new(&config.limits),
         quotas,
-        prices: RwLock::new(book),
+        prices: Arc::new(RwLock::new(book)),
         names,
         keys,
         bus,
@@ -258,7 +229,7 @@ pub async fn run(
             prices.versions(),
             cancel.clone(),
         )),
-        tokio::spawn(prices.run(app.clone(), cancel.clone())),
+        tokio::spawn(prices.run(app.prices.clone(), cancel.clone())),
     ];
     if let Some((bus, settings)) = streams_pending {
         watches.push(tokio::spawn(ensure_streams_when_up(

@@ -88,6 +88,11 @@ pub struct GlobalLimits {
     pub max_concurrency: Option<u32>,
 }
 
+/// The largest `server.max_header_bytes` accepted.
+pub const MAX_HEADER_BYTES_LIMIT: usize = 256 * 1024;
+/// The largest `server.max_headers` accepted.
+pub const MAX_HEADERS_LIMIT: usize = 1000;
+
 /// Limits on what clients send, so slow or oversized requests cannot hold
 /// connections or memory (see [`crate::server`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -396,16 +401,16 @@ impl Config {
                 return bad(format!("server.{name}: must be > 0"));
             }
         }
-        if !(1024..=crate::server::MAX_HEADER_BYTES_LIMIT).contains(&s.max_header_bytes) {
+        if !(1024..=MAX_HEADER_BYTES_LIMIT).contains(&s.max_header_bytes) {
             return bad(format!(
                 "server.max_header_bytes: must be between 1024 and {}",
-                crate::server::MAX_HEADER_BYTES_LIMIT
+                MAX_HEADER_BYTES_LIMIT
             ));
         }
-        if !(1..=crate::server::MAX_HEADERS_LIMIT).contains(&s.max_headers) {
+        if !(1..=MAX_HEADERS_LIMIT).contains(&s.max_headers) {
             return bad(format!(
                 "server.max_headers: must be between 1 and {}",
-                crate::server::MAX_HEADERS_LIMIT
+                MAX_HEADERS_LIMIT
             ));
         }
         Ok(())

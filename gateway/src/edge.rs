@@ -18,9 +18,9 @@ use axum::http::{HeaderMap, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::app::App;
 use crate::config::ServerConfig;
 use crate::error::{ApiStyle, GatewayError};
+use crate::state::App;
 
 /// Bytes of a non-JSON error body quoted in the rewritten message.
 const QUOTED_BYTES: usize = 512;

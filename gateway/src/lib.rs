@@ -23,6 +23,7 @@ pub mod responses_relay;
 pub mod routing;
 pub mod server;
 pub mod sse;
+pub mod state;
 pub mod state_cache;
 pub mod telemetry;
 pub mod tokens;

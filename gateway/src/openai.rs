@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tollgate_schemas::records::KeyRecord;
 
-use crate::app::{App, RequestId};
 use crate::error::{ApiStyle, GatewayError};
 use crate::pipeline::{self, Surface, authenticate, resolve_model};
+use crate::state::{App, RequestId};
 
 pub async fn chat_completions(
     State(app): State<App>,

@@ -12,12 +12,12 @@
 //! config's `[prices]` book is used, as before billing existed.
 //!
 //! The book is read once per request, when its usage is priced
-//! ([`AppState::price_book`]): a request finishing just after a switch is
+//! ([`AppState::price_book`](crate::state::AppState::price_book)): a request finishing just after a switch is
 //! priced at the new version, and its usage event says so (`price_version`),
 //! which is what billing prices it at.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -26,7 +26,6 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::records::PriceBook;
 
-use crate::app::AppState;
 use crate::kv_follow::{self, Bucket};
 
 /// How often the book in force is re-evaluated against the clock.
@@ -90,9 +89,9 @@ impl PriceFeed {
     }
 
     /// Follows the bucket and the clock until `shutdown`, writing the book in
-    /// force to `app.prices` whenever it changes.
-    pub async fn run(self, app: Arc<AppState>, shutdown: CancellationToken) {
-        install(&app, self.in_force(Utc::now()));
+    /// force to `prices` whenever it changes.
+    pub async fn run(self, prices: Arc<RwLock<Arc<PriceBook>>>, shutdown: CancellationToken) {
+        install(&prices, self.in_force(Utc::now()));
         let watch = self.watch.lock().take();
         let follow = async {
             let Some(store) = self.kv.open(&shutdown).await else {
@@ -100,7 +99,7 @@ impl PriceFeed {
             };
             kv_follow::follow(store, "prices", watch, &shutdown, |entry| {
                 self.apply(&entry);
-                install(&app, self.in_force(Utc::now()));
+                install(&prices, self.in_force(Utc::now()));
             })
             .await;
         };
@@ -110,7 +109,7 @@ impl PriceFeed {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = ticker.tick() => install(&app, self.in_force(Utc::now())),
+                    _ = ticker.tick() => install(&prices, self.in_force(Utc::now())),
                 }
             }
         };
@@ -168,8 +167,8 @@ pub fn decode(bytes: &[u8]) -> Result<PriceBook, String> {
 }
 
 /// Makes `book` the one requests are priced with, if it is not already.
-fn install(app: &AppState, book: Arc<PriceBook>) {
-    let mut current = match app.prices.write() {
+fn install(prices: &RwLock<Arc<PriceBook>>, book: Arc<PriceBook>) {
+    let mut current = match prices.write() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     };

@@ -33,11 +33,6 @@ use tokio::net::TcpListener;
 
 use crate::config::ServerConfig;
 
-/// The largest `server.max_header_bytes` accepted.
-pub const MAX_HEADER_BYTES_LIMIT: usize = 256 * 1024;
-/// The largest `server.max_headers` accepted.
-pub const MAX_HEADERS_LIMIT: usize = 1000;
-
 /// hyper's own limits, (read buffer bytes, header count): far enough above
 /// the configured ones that the gateway, not hyper, answers a head that is a
 /// little over them.

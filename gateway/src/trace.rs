@@ -12,7 +12,7 @@ use axum::http::HeaderMap;
 use tracing::Span;
 use tracing::field::Empty;
 
-use crate::app::RequestId;
+use crate::state::RequestId;
 
 /// The caller's `traceparent` header, if any (validated by the caller).
 pub fn incoming(headers: &HeaderMap) -> Option<&str> {
