@@ -13,22 +13,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tollgate_schemas::records::QuotaScope;
 
-/// Which API's conventions a route follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiStyle {
-    OpenAi,
-    Anthropic,
-}
+pub use crate::api_style::ApiStyle;
 
-impl ApiStyle {
-    /// Anthropic's routes are `/v1/messages*`; every other path answers in
-    /// OpenAI's shape.
-    pub fn for_path(path: &str) -> Self {
-        if path.starts_with("/v1/messages") {
-            ApiStyle::Anthropic
-        } else {
-            ApiStyle::OpenAi
-        }
+impl From<crate::validate::Invalid> for GatewayError {
+    fn from(invalid: crate::validate::Invalid) -> Self {
+        GatewayError::Invalid(invalid)
     }
 }
 

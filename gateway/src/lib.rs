@@ -5,6 +5,7 @@
 //! `main.rs` is thin; [`run`] is the testable entry point.
 
 pub mod anthropic;
+pub mod api_style;
 pub mod app;
 pub mod auth;
 pub mod config;

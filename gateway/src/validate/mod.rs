@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
-use crate::error::{ApiStyle, GatewayError};
+use crate::api_style::ApiStyle;
 
 /// The request body formats that are validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +56,8 @@ pub struct Checked {
 }
 
 /// Checks `req` against `api`'s table and the rules between fields.
-pub fn check(api: Api, req: &Map<String, Value>) -> Result<Checked, GatewayError> {
-    check_fields(api, req).map_err(GatewayError::Invalid)
+pub fn check(api: Api, req: &Map<String, Value>) -> Result<Checked, Invalid> {
+    check_fields(api, req)
 }
 
 fn check_fields(api: Api, req: &Map<String, Value>) -> Result<Checked, Invalid> {
