@@ -103,7 +103,7 @@ impl IntoResponse for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ConfigError;
+    use crate::error::ConfigError;
     use crate::error::ErrorKind;
 
     async fn render(e: Error) -> (StatusCode, Option<String>, serde_json::Value) {

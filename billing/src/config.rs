@@ -40,6 +40,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::error::ConfigError;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use rust_decimal::Decimal;
@@ -274,21 +275,6 @@ impl WebhooksConfig {
             backoff_max: Duration::from_secs(self.backoff_max_secs),
         }
     }
-}
-
-/// An invalid configuration; the message names the field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file or an environment variable does not parse (figment names the
-    /// key and where it came from).
-    #[error("{0}")]
-    Load(Box<figment::Error>),
-    /// A value parses but is not acceptable.
-    #[error("{message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
 }
 
 impl Config {

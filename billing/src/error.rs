@@ -13,8 +13,6 @@
 //! - [`ErrorKind::Internal`]: a bug of ours (a record we cannot decode, an
 //!   amount that does not fit ClickHouse's decimal): 500.
 
-use crate::config::ConfigError;
-
 /// A boxed source error (the dependency's own error, kept for the logs).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -216,4 +214,19 @@ impl<T, E: Into<BoxError>> ResultExt<T> for std::result::Result<T, E> {
     fn internal_ctx(self, op: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::internal(op(), e))
     }
+}
+
+/// An invalid configuration; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse (figment names the
+    /// key and where it came from).
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    /// A value parses but is not acceptable.
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }

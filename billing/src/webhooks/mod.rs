@@ -57,7 +57,7 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::error::{Error, ResultExt as _};
 use async_nats::jetstream;
 use serde_json::{Value, json};
