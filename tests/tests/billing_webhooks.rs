@@ -257,6 +257,30 @@ async fn log_with(admin: &Admin, tenant: &str, wid: &str, n: usize) -> Vec<Value
     .await
 }
 
+/// Waits until the webhook queue is drained: every message in the stream has
+/// been pulled and settled (acked or terminated; a nak'd delivery waiting out
+/// its delay still counts as pending). The receiver records a request before
+/// it answers and the worker settles only after the answer, so once this
+/// returns the receivers hold every delivery of what was emitted so far:
+/// "nothing more arrived" is then a fact, not a guess about how long to wait.
+async fn drained(env: &TestEnv) {
+    let js = async_nats::jetstream::new(env.nats().await.unwrap());
+    let stream = js.get_stream(&env.names.webhooks_stream).await.unwrap();
+    eventually(Duration::from_secs(30), "the webhook queue drained", || {
+        let mut stream = stream.clone();
+        async move {
+            let last = stream.info().await.unwrap().state.last_sequence;
+            let c = stream
+                .consumer_info("tollgate-billing-webhooks")
+                .await
+                .unwrap();
+            (c.num_pending == 0 && c.num_ack_pending == 0 && c.ack_floor.stream_sequence == last)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
 async fn setup(config: WebhookConfig) -> (TestEnv, Webhooks, Admin) {
     let env = TestEnv::new();
     env.migrate().await.unwrap();
@@ -269,7 +293,7 @@ async fn setup(config: WebhookConfig) -> (TestEnv, Webhooks, Admin) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_is_delivered_once_signed_with_the_documented_body() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[]).await;
     let (other, other_url, _o) = Receiver::start(&[]).await;
     let (wid, secret) = admin.create(TENANT, &url, Some(&["quota.warning"])).await;
@@ -326,7 +350,7 @@ async fn an_event_is_delivered_once_signed_with_the_documented_body() {
     assert_eq!(rows[0]["status_code"], 200);
     assert_eq!(rows[0]["attempt"], 1);
     assert_eq!(rows[0]["delivery_id"], hit.webhook_id());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
     assert!(
         other.hits().is_empty(),
@@ -473,7 +497,7 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_endpoint() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[(410, None)]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     let (_stop, _worker) = start_worker(&wh);
@@ -496,7 +520,7 @@ async fn gone_disables_the_endpoint() {
     wh.emit(TENANT, "quota.exhausted", json!({}), "e-1")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
 
     // Re-enabled by the admin, it receives again.
@@ -578,7 +602,7 @@ async fn private_destinations_are_refused_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_idempotency_key_is_delivered_once() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     // Emitted twice before the worker runs, then once more while it runs.
@@ -592,7 +616,7 @@ async fn the_same_idempotency_key_is_delivered_once() {
     wh.emit(TENANT, "credits.granted", json!({ "n": 2 }), "grant-7")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
     assert_eq!(hits[0].json()["data"]["n"], 0);
 
@@ -646,7 +670,7 @@ async fn secrets_are_standard_and_rotation_signs_with_the_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_never_see_each_others_endpoints_or_deliveries() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     let (_stop, _worker) = start_worker(&wh);
@@ -707,7 +731,7 @@ async fn tenants_never_see_each_others_endpoints_or_deliveries() {
     wh.emit(OTHER, "quota.warning", json!({}), "iso-2")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
     // And the endpoint is intact for its owner.
     let (status, v) = admin
@@ -811,7 +835,7 @@ async fn deliveries_that_keep_failing_expire_after_max_age() {
         max_age: Duration::from_secs(2),
         ..fast_config()
     };
-    let (_env, wh, admin) = setup(config).await;
+    let (env, wh, admin) = setup(config).await;
     let (receiver, url, _r) = Receiver::start(&[(500, None); 50]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     let (_stop, _worker) = start_worker(&wh);
@@ -831,7 +855,7 @@ async fn deliveries_that_keep_failing_expire_after_max_age() {
     // Terminated: no more attempts.
     let sent = receiver.hits().len();
     assert_eq!(sent, rows.len());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), sent);
 }
 
