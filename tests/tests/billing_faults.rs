@@ -39,6 +39,7 @@ use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, StreamSettings
 use tollgate_schemas::events::{Event, EventKind};
 use tollgate_schemas::records::{QuotaScope, QuotaState, quota_key};
 use tollgate_tests::billing::{ADMIN_KEY, billing_config_text};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::{ClickHouseServer, NatsServer, TestEnv, ch_client, free_port};
 use tollgate_tests::stack::{self, Service};
 
@@ -547,7 +548,7 @@ async fn assert_settled(s: &Stack, tenant: &str, granted: Decimal, load: &Load) 
     // Nothing else is on its way: the meter has committed everything
     // (refusals publish request events too, so this can take a moment).
     let (url, names) = (s.env.nats_url.clone(), s.env.names.clone());
-    meter_common::wait_until(Duration::from_secs(30), "the meter idle", || {
+    eventually("the meter idle", Duration::from_secs(30), || {
         let (url, names) = (url.clone(), names.clone());
         async move { consumer_idle(&url, &names, "meter").await }
     })

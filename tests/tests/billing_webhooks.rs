@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_billing::webhooks::{WebhookConfig, Webhooks};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::TestEnv;
 
 const TENANT: &str = "acme";
@@ -199,7 +200,7 @@ impl Receiver {
     }
 
     async fn wait_for(&self, n: usize, within: Duration) -> Vec<Hit> {
-        let hits = eventually(within, &format!("{n} webhook requests"), || async {
+        let hits = eventually(&format!("{n} webhook requests"), within, || async {
             let h = self.hits();
             (h.len() >= n).then_some(h)
         })
@@ -228,27 +229,11 @@ async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> Res
     }
 }
 
-/// Polls `check` every 100 ms until it gives a value or `within` passes.
-async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The endpoint's log once it holds `n` attempts (newest first).
 async fn log_with(admin: &Admin, tenant: &str, wid: &str, n: usize) -> Vec<Value> {
     eventually(
-        Duration::from_secs(20),
         &format!("{n} logged attempts"),
+        Duration::from_secs(20),
         || async {
             let rows = admin.deliveries(tenant, wid).await;
             (rows.len() >= n).then_some(rows)
@@ -266,7 +251,7 @@ async fn log_with(admin: &Admin, tenant: &str, wid: &str, n: usize) -> Vec<Value
 async fn drained(env: &TestEnv) {
     let js = async_nats::jetstream::new(env.nats().await.unwrap());
     let stream = js.get_stream(&env.names.webhooks_stream).await.unwrap();
-    eventually(Duration::from_secs(30), "the webhook queue drained", || {
+    eventually("the webhook queue drained", Duration::from_secs(30), || {
         let mut stream = stream.clone();
         async move {
             let last = stream.info().await.unwrap().state.last_sequence;
@@ -456,7 +441,7 @@ async fn a_delivery_survives_a_billing_restart_while_the_receiver_is_down() {
     let admin = Admin::serve(&second).await;
     // The log is ordered by second, then attempt; attempts of both processes
     // can share a second, so look for the delivered one rather than at the top.
-    let rows = eventually(Duration::from_secs(20), "the delivered attempt", || async {
+    let rows = eventually("the delivered attempt", Duration::from_secs(20), || async {
         let rows = admin.deliveries(TENANT, &wid).await;
         rows.iter()
             .any(|r| r["outcome"] == "delivered")
@@ -507,7 +492,7 @@ async fn gone_disables_the_endpoint() {
     receiver.wait_for(1, Duration::from_secs(15)).await;
 
     let path = format!("/admin/tenants/{TENANT}/webhooks/{wid}");
-    eventually(Duration::from_secs(10), "the endpoint disabled", || async {
+    eventually("the endpoint disabled", Duration::from_secs(10), || async {
         let (_, v) = admin.get(&path).await;
         (v["enabled"] == false).then_some(())
     })
@@ -806,7 +791,7 @@ async fn redeliver_resends_the_same_message_and_deleted_endpoints_are_skipped() 
         404
     );
     let ch = env.ch();
-    let outcomes = eventually(Duration::from_secs(20), "the skipped attempt", || {
+    let outcomes = eventually("the skipped attempt", Duration::from_secs(20), || {
         let (ch, wid2) = (ch.clone(), wid2.clone());
         async move {
             let rows: Vec<(u32, String)> = ch
@@ -842,7 +827,7 @@ async fn deliveries_that_keep_failing_expire_after_max_age() {
     wh.emit(TENANT, "quota.warning", json!({}), "doomed")
         .await
         .unwrap();
-    let rows = eventually(Duration::from_secs(30), "the expired attempt", || async {
+    let rows = eventually("the expired attempt", Duration::from_secs(30), || async {
         let rows = admin.deliveries(TENANT, &wid).await;
         (rows.first()?["outcome"] == "expired").then_some(rows)
     })
