@@ -275,17 +275,16 @@ async fn chat(http: &reqwest::Client, gateway: &str, secret: &str) -> Answer {
 
 /// Waits until a request is served (the grant reached the gateway).
 async fn await_admitted(s: &Stack, secret: &str) -> (String, Decimal) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match chat(&s.http, &s.gateway.url(), secret).await {
-            Answer::Served { rid, cost } => return (rid, cost),
-            Answer::Refused if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Answer::Refused => panic!("a grant did not lift the refusal within 10 s"),
+    eventually(
+        "a grant to lift the refusal",
+        Duration::from_secs(10),
+        async || match chat(&s.http, &s.gateway.url(), secret).await {
+            Answer::Served { rid, cost } => Some((rid, cost)),
+            Answer::Refused => None,
             Answer::Other(status, body) => panic!("unexpected answer {status}: {body}"),
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// The clients' shared record.

@@ -55,16 +55,15 @@ struct World {
 }
 
 async fn wait_healthy(http: &reqwest::Client, url: &str, what: &str, log: &dyn Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not start; its log:\n{}", log());
+    let what = format!("{what} to start");
+    let log = || format!("; its log:\n{}", log());
+    tollgate_tests::eventually_or(&what, Duration::from_secs(30), log, async || {
+        http.get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
 }
 
 impl World {
