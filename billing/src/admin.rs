@@ -2,7 +2,8 @@
 //!
 //! Decimals are strings in and out. Errors are `{"error": {"type", "message"}}`.
 //! The OpenAPI document describing both is `billing/openapi.json`, served at
-//! `/openapi.json`; a test checks that every route here is in it.
+//! `/openapi.json`; a test checks it against [`routes`], which is read off
+//! the tables the router is built from (see [`crate::routes`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -27,54 +27,63 @@ use tollgate_schemas::records::{
 
 use crate::api_error::{ApiError, ApiResult};
 use crate::ledger::Grant;
+use crate::routes::Routes;
 use crate::service::{Billing, month_start};
 use crate::store::{self, BillingMode, InvoiceStatus, Tenant};
+use crate::webhooks::AdminApi as Api;
 
 type B = Arc<Billing>;
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// Every (method, path) the service answers, as the OpenAPI document must
-/// list them (a test compares the two, and the e2e suite calls each).
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/admin/tenants"),
-    ("get", "/admin/tenants"),
-    ("get", "/admin/tenants/{id}"),
-    ("patch", "/admin/tenants/{id}"),
-    ("post", "/admin/tenants/{id}/keys"),
-    ("get", "/admin/tenants/{id}/keys"),
-    ("get", "/admin/keys/{key_id}"),
-    ("patch", "/admin/keys/{key_id}"),
-    ("delete", "/admin/keys/{key_id}"),
-    ("post", "/admin/tenants/{id}/credits"),
-    ("get", "/admin/tenants/{id}/credits"),
-    ("get", "/admin/tenants/{id}/balance"),
-    ("get", "/admin/prices"),
-    ("put", "/admin/prices/{model}"),
-    ("get", "/admin/prices/{model}"),
-    ("get", "/admin/tenants/{id}/invoices"),
-    ("post", "/admin/tenants/{id}/invoices/finalize"),
-    ("get", "/admin/invoices/{invoice_id}"),
-    ("post", "/admin/invoices/{invoice_id}/void"),
-    ("get", "/admin/spend"),
-    ("post", "/admin/tenants/{id}/webhooks"),
-    ("get", "/admin/tenants/{id}/webhooks"),
-    ("get", "/admin/tenants/{id}/webhooks/{wid}"),
-    ("patch", "/admin/tenants/{id}/webhooks/{wid}"),
-    ("delete", "/admin/tenants/{id}/webhooks/{wid}"),
-    ("post", "/admin/tenants/{id}/webhooks/{wid}/rotate-secret"),
-    ("get", "/admin/tenants/{id}/webhooks/{wid}/deliveries"),
-    (
-        "post",
-        "/admin/tenants/{id}/webhook-deliveries/{delivery_id}/redeliver",
-    ),
-    ("get", "/v1/billing/balance"),
-    ("get", "/v1/billing/usage"),
-    ("get", "/v1/billing/invoices"),
-    ("get", "/openapi.json"),
-    ("get", "/healthz"),
-    ("get", "/metrics"),
-];
+/// The service's route tables, stateless: `router` gives them their state,
+/// `routes` lists them. One tuple, so a table added here is either used by
+/// both or fails to compile.
+fn tables() -> (Routes<B>, Routes<Api>, Routes<B>, Routes) {
+    let admin = Routes::new()
+        .post("/admin/tenants", create_tenant)
+        .get("/admin/tenants", list_tenants)
+        .get("/admin/tenants/{id}", get_tenant)
+        .patch("/admin/tenants/{id}", patch_tenant)
+        .post("/admin/tenants/{id}/keys", create_key)
+        .get("/admin/tenants/{id}/keys", list_keys)
+        .get("/admin/keys/{key_id}", get_key)
+        .patch("/admin/keys/{key_id}", patch_key)
+        .delete("/admin/keys/{key_id}", revoke_key)
+        .post("/admin/tenants/{id}/credits", grant_credits)
+        .get("/admin/tenants/{id}/credits", list_grants)
+        .get("/admin/tenants/{id}/balance", admin_balance)
+        .get("/admin/prices", list_prices)
+        .put("/admin/prices/{model}", put_price)
+        .get("/admin/prices/{model}", price_history)
+        .get("/admin/tenants/{id}/invoices", admin_invoices)
+        .post("/admin/tenants/{id}/invoices/finalize", finalize)
+        .get("/admin/invoices/{invoice_id}", get_invoice)
+        .post("/admin/invoices/{invoice_id}/void", void_invoice)
+        .get("/admin/spend", spend);
+    let tenant = Routes::new()
+        .get("/v1/billing/balance", tenant_balance)
+        .get("/v1/billing/usage", tenant_usage)
+        .get("/v1/billing/invoices", tenant_invoices);
+    let open = Routes::new()
+        .get("/openapi.json", openapi)
+        .get("/healthz", || async { "ok" })
+        .get("/metrics", || async { crate::app::prometheus().render() });
+    (admin, crate::webhooks::admin_api_routes(), tenant, open)
+}
+
+/// Every (method, path) the service answers, read off the tables `router`
+/// is built from (the OpenAPI test compares them with `openapi.json`).
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    let (admin, hooks, tenant, open) = tables();
+    [
+        admin.listed(),
+        hooks.listed(),
+        tenant.listed(),
+        open.listed(),
+    ]
+    .concat()
+}
 
 /// Every route of the service.
 pub fn router(billing: B) -> Router {
@@ -87,42 +96,20 @@ pub fn router(billing: B) -> Router {
                 .unwrap_or(false)
         }) as Arc<dyn Fn(&str) -> bool + Send + Sync>
     };
-    let admin = Router::new()
-        .route("/admin/tenants", post(create_tenant).get(list_tenants))
-        .route("/admin/tenants/{id}", get(get_tenant).patch(patch_tenant))
-        .route("/admin/tenants/{id}/keys", post(create_key).get(list_keys))
-        .route(
-            "/admin/keys/{key_id}",
-            get(get_key).patch(patch_key).delete(revoke_key),
-        )
-        .route(
-            "/admin/tenants/{id}/credits",
-            post(grant_credits).get(list_grants),
-        )
-        .route("/admin/tenants/{id}/balance", get(admin_balance))
-        .route("/admin/prices", get(list_prices))
-        .route("/admin/prices/{model}", put(put_price).get(price_history))
-        .route("/admin/tenants/{id}/invoices", get(admin_invoices))
-        .route("/admin/tenants/{id}/invoices/finalize", post(finalize))
-        .route("/admin/invoices/{invoice_id}", get(get_invoice))
-        .route("/admin/invoices/{invoice_id}/void", post(void_invoice))
-        .route("/admin/spend", get(spend))
+    let (admin, hooks, tenant, open) = tables();
+    let admin = admin
         .with_state(billing.clone())
-        .merge(billing.webhooks.admin_router(tenant_exists))
-        .route_layer(middleware::from_fn_with_state(
-            billing.clone(),
-            require_admin,
-        ));
-    let tenant = Router::new()
-        .route("/v1/billing/balance", get(tenant_balance))
-        .route("/v1/billing/usage", get(tenant_usage))
-        .route("/v1/billing/invoices", get(tenant_invoices))
-        .with_state(billing.clone());
-    Router::new()
-        .merge(admin)
+        .merge(billing.webhooks.admin_routes(hooks, tenant_exists))
+        .map(|r| {
+            r.route_layer(middleware::from_fn_with_state(
+                billing.clone(),
+                require_admin,
+            ))
+        });
+    let tenant = tenant.with_state(billing.clone());
+    open.merge(admin)
         .merge(tenant)
-        .route("/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { "ok" }))
+        .into_router()
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::method_not_allowed("this method is not allowed on this route")

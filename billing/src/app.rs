@@ -8,7 +8,6 @@
 use std::sync::OnceLock;
 
 use axum::Router;
-use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,19 +37,14 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> crate::error::Result<()> {
-    let metrics = prometheus();
+    // Installs the recorder before anything records (`/metrics` renders it).
+    let _recorder = prometheus();
     let billing = Billing::open(config).await?;
     let work = CancellationToken::new();
     let pricing = tokio::spawn(billing.clone().run_pricing(work.clone()));
     let ticker = tokio::spawn(billing.clone().run_ticker(work.clone()));
     let webhooks = tokio::spawn(billing.webhooks.clone().run(work.clone()));
-    let app: Router = crate::admin::router(billing.clone()).route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }),
-    );
+    let app: Router = crate::admin::router(billing.clone());
     tracing::info!(addr = %listener.local_addr().internal_ctx(|| "local address".into())?, "billing listening");
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -7,7 +7,8 @@
 //! - [`quota`]: quota levels and the webhook crossings, pure.
 //! - [`priced`]: the contiguous "priced up to" marker gateways trust, pure.
 //! - [`webhooks`]: endpoints, the durable delivery queue and the worker.
-//! - [`admin`]: the admin and tenant HTTP APIs; [`app`]: the lifecycle.
+//! - [`admin`]: the admin and tenant HTTP APIs; [`app`]: the lifecycle;
+//!   [`routes`]: the router that lists its routes (for the OpenAPI test).
 //! - [`error`]: the crate's one error type (client mistake, dependency
 //!   outage, bug); [`api_error`]: the one place it becomes an HTTP status.
 //! - [`trace`]: the pricing spans, linked to the events' traces.
@@ -21,6 +22,7 @@ pub mod invoice;
 pub mod ledger;
 pub mod priced;
 pub mod quota;
+pub mod routes;
 pub mod service;
 pub mod store;
 pub mod trace;

@@ -66,7 +66,18 @@ pub struct Breaker {
     /// Millis since `epoch` when it opened; 0 = closed.
     opened_at: AtomicU64,
     trial_in_flight: AtomicBool,
-    epoch: Instant,
+    clock: Clock,
+}
+
+/// Where the breaker reads the time: the monotonic clock in the service; in
+/// unit tests a clock the test advances by hand, so the open window is
+/// checked at its exact edges without sleeping.
+#[derive(Debug)]
+enum Clock {
+    /// Millis since this instant.
+    Monotonic(Instant),
+    #[cfg(test)]
+    Manual(Arc<AtomicU64>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +95,17 @@ impl Breaker {
             consecutive: AtomicU32::new(0),
             opened_at: AtomicU64::new(0),
             trial_in_flight: AtomicBool::new(false),
-            epoch: Instant::now(),
+            clock: Clock::Monotonic(Instant::now()),
         }
     }
 
     fn now_ms(&self) -> u64 {
-        (self.epoch.elapsed().as_millis() as u64).max(1)
+        let ms = match &self.clock {
+            Clock::Monotonic(epoch) => epoch.elapsed().as_millis() as u64,
+            #[cfg(test)]
+            Clock::Manual(ms) => ms.load(Ordering::Acquire),
+        };
+        ms.max(1)
     }
 
     pub fn state(&self) -> BreakerState {
@@ -228,26 +244,44 @@ fn http_client(t: &Timeouts) -> anyhow::Result<reqwest::Client> {
 mod tests {
     use super::*;
 
+    /// A breaker on a clock the test advances by hand (millis).
+    fn manual(cfg: &BreakerConfig) -> (Breaker, Arc<AtomicU64>) {
+        let ms = Arc::new(AtomicU64::new(0));
+        let b = Breaker {
+            clock: Clock::Manual(ms.clone()),
+            ..Breaker::new(cfg)
+        };
+        (b, ms)
+    }
+
     #[test]
-    #[allow(clippy::disallowed_methods)] // a plain thread sleep in a sync unit test
     fn breaker_opens_half_opens_and_closes() {
-        let b = Breaker::new(&BreakerConfig {
+        let (b, clock) = manual(&BreakerConfig {
             failures: 2,
             open_ms: 50,
         });
+        let advance = |ms| clock.fetch_add(ms, Ordering::AcqRel);
         assert!(b.allow());
         b.record_failure();
         assert_eq!(b.state(), BreakerState::Closed);
+        advance(10);
         b.record_failure();
         assert_eq!(b.state(), BreakerState::Open);
         assert!(!b.allow());
-        std::thread::sleep(Duration::from_millis(60));
+        // Open for exactly open_ms: still open 1 ms before, half-open at it.
+        advance(49);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.allow());
+        advance(1);
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert!(b.allow(), "one trial");
         assert!(!b.allow(), "only one trial");
         b.record_failure();
         assert_eq!(b.state(), BreakerState::Open);
-        std::thread::sleep(Duration::from_millis(60));
+        // The failed trial reopened it for a full window from now.
+        advance(49);
+        assert!(!b.allow());
+        advance(1);
         assert!(b.allow());
         b.record_success();
         assert_eq!(b.state(), BreakerState::Closed);

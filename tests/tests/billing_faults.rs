@@ -39,6 +39,7 @@ use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, StreamSettings
 use tollgate_schemas::events::{Event, EventKind};
 use tollgate_schemas::records::{QuotaScope, QuotaState, quota_key};
 use tollgate_tests::billing::{ADMIN_KEY, billing_config_text};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::{ClickHouseServer, NatsServer, TestEnv, ch_client, free_port};
 use tollgate_tests::stack::{self, Service};
 
@@ -274,17 +275,16 @@ async fn chat(http: &reqwest::Client, gateway: &str, secret: &str) -> Answer {
 
 /// Waits until a request is served (the grant reached the gateway).
 async fn await_admitted(s: &Stack, secret: &str) -> (String, Decimal) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match chat(&s.http, &s.gateway.url(), secret).await {
-            Answer::Served { rid, cost } => return (rid, cost),
-            Answer::Refused if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Answer::Refused => panic!("a grant did not lift the refusal within 10 s"),
+    eventually(
+        "a grant to lift the refusal",
+        Duration::from_secs(10),
+        async || match chat(&s.http, &s.gateway.url(), secret).await {
+            Answer::Served { rid, cost } => Some((rid, cost)),
+            Answer::Refused => None,
             Answer::Other(status, body) => panic!("unexpected answer {status}: {body}"),
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// The clients' shared record.
@@ -547,7 +547,7 @@ async fn assert_settled(s: &Stack, tenant: &str, granted: Decimal, load: &Load) 
     // Nothing else is on its way: the meter has committed everything
     // (refusals publish request events too, so this can take a moment).
     let (url, names) = (s.env.nats_url.clone(), s.env.names.clone());
-    meter_common::wait_until(Duration::from_secs(30), "the meter idle", || {
+    eventually("the meter idle", Duration::from_secs(30), || {
         let (url, names) = (url.clone(), names.clone());
         async move { consumer_idle(&url, &names, "meter").await }
     })

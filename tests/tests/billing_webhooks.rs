@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_billing::webhooks::{WebhookConfig, Webhooks};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::TestEnv;
 
 const TENANT: &str = "acme";
@@ -199,7 +200,7 @@ impl Receiver {
     }
 
     async fn wait_for(&self, n: usize, within: Duration) -> Vec<Hit> {
-        let hits = eventually(within, &format!("{n} webhook requests"), || async {
+        let hits = eventually(&format!("{n} webhook requests"), within, || async {
             let h = self.hits();
             (h.len() >= n).then_some(h)
         })
@@ -228,33 +229,41 @@ async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> Res
     }
 }
 
-/// Polls `check` every 100 ms until it gives a value or `within` passes.
-async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The endpoint's log once it holds `n` attempts (newest first).
 async fn log_with(admin: &Admin, tenant: &str, wid: &str, n: usize) -> Vec<Value> {
     eventually(
-        Duration::from_secs(20),
         &format!("{n} logged attempts"),
+        Duration::from_secs(20),
         || async {
             let rows = admin.deliveries(tenant, wid).await;
             (rows.len() >= n).then_some(rows)
         },
     )
     .await
+}
+
+/// Waits until the webhook queue is drained: every message in the stream has
+/// been pulled and settled (acked or terminated; a nak'd delivery waiting out
+/// its delay still counts as pending). The receiver records a request before
+/// it answers and the worker settles only after the answer, so once this
+/// returns the receivers hold every delivery of what was emitted so far:
+/// "nothing more arrived" is then a fact, not a guess about how long to wait.
+async fn drained(env: &TestEnv) {
+    let js = async_nats::jetstream::new(env.nats().await.unwrap());
+    let stream = js.get_stream(&env.names.webhooks_stream).await.unwrap();
+    eventually("the webhook queue drained", Duration::from_secs(30), || {
+        let mut stream = stream.clone();
+        async move {
+            let last = stream.info().await.unwrap().state.last_sequence;
+            let c = stream
+                .consumer_info("tollgate-billing-webhooks")
+                .await
+                .unwrap();
+            (c.num_pending == 0 && c.num_ack_pending == 0 && c.ack_floor.stream_sequence == last)
+                .then_some(())
+        }
+    })
+    .await;
 }
 
 async fn setup(config: WebhookConfig) -> (TestEnv, Webhooks, Admin) {
@@ -269,7 +278,7 @@ async fn setup(config: WebhookConfig) -> (TestEnv, Webhooks, Admin) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_is_delivered_once_signed_with_the_documented_body() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[]).await;
     let (other, other_url, _o) = Receiver::start(&[]).await;
     let (wid, secret) = admin.create(TENANT, &url, Some(&["quota.warning"])).await;
@@ -326,7 +335,7 @@ async fn an_event_is_delivered_once_signed_with_the_documented_body() {
     assert_eq!(rows[0]["status_code"], 200);
     assert_eq!(rows[0]["attempt"], 1);
     assert_eq!(rows[0]["delivery_id"], hit.webhook_id());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
     assert!(
         other.hits().is_empty(),
@@ -432,7 +441,7 @@ async fn a_delivery_survives_a_billing_restart_while_the_receiver_is_down() {
     let admin = Admin::serve(&second).await;
     // The log is ordered by second, then attempt; attempts of both processes
     // can share a second, so look for the delivered one rather than at the top.
-    let rows = eventually(Duration::from_secs(20), "the delivered attempt", || async {
+    let rows = eventually("the delivered attempt", Duration::from_secs(20), || async {
         let rows = admin.deliveries(TENANT, &wid).await;
         rows.iter()
             .any(|r| r["outcome"] == "delivered")
@@ -473,7 +482,7 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_endpoint() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[(410, None)]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     let (_stop, _worker) = start_worker(&wh);
@@ -483,7 +492,7 @@ async fn gone_disables_the_endpoint() {
     receiver.wait_for(1, Duration::from_secs(15)).await;
 
     let path = format!("/admin/tenants/{TENANT}/webhooks/{wid}");
-    eventually(Duration::from_secs(10), "the endpoint disabled", || async {
+    eventually("the endpoint disabled", Duration::from_secs(10), || async {
         let (_, v) = admin.get(&path).await;
         (v["enabled"] == false).then_some(())
     })
@@ -496,7 +505,7 @@ async fn gone_disables_the_endpoint() {
     wh.emit(TENANT, "quota.exhausted", json!({}), "e-1")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
 
     // Re-enabled by the admin, it receives again.
@@ -578,7 +587,7 @@ async fn private_destinations_are_refused_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_idempotency_key_is_delivered_once() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     // Emitted twice before the worker runs, then once more while it runs.
@@ -592,7 +601,7 @@ async fn the_same_idempotency_key_is_delivered_once() {
     wh.emit(TENANT, "credits.granted", json!({ "n": 2 }), "grant-7")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
     assert_eq!(hits[0].json()["data"]["n"], 0);
 
@@ -646,7 +655,7 @@ async fn secrets_are_standard_and_rotation_signs_with_the_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_never_see_each_others_endpoints_or_deliveries() {
-    let (_env, wh, admin) = setup(fast_config()).await;
+    let (env, wh, admin) = setup(fast_config()).await;
     let (receiver, url, _r) = Receiver::start(&[]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     let (_stop, _worker) = start_worker(&wh);
@@ -707,7 +716,7 @@ async fn tenants_never_see_each_others_endpoints_or_deliveries() {
     wh.emit(OTHER, "quota.warning", json!({}), "iso-2")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), 1);
     // And the endpoint is intact for its owner.
     let (status, v) = admin
@@ -782,7 +791,7 @@ async fn redeliver_resends_the_same_message_and_deleted_endpoints_are_skipped() 
         404
     );
     let ch = env.ch();
-    let outcomes = eventually(Duration::from_secs(20), "the skipped attempt", || {
+    let outcomes = eventually("the skipped attempt", Duration::from_secs(20), || {
         let (ch, wid2) = (ch.clone(), wid2.clone());
         async move {
             let rows: Vec<(u32, String)> = ch
@@ -811,14 +820,14 @@ async fn deliveries_that_keep_failing_expire_after_max_age() {
         max_age: Duration::from_secs(2),
         ..fast_config()
     };
-    let (_env, wh, admin) = setup(config).await;
+    let (env, wh, admin) = setup(config).await;
     let (receiver, url, _r) = Receiver::start(&[(500, None); 50]).await;
     let (wid, _) = admin.create(TENANT, &url, None).await;
     let (_stop, _worker) = start_worker(&wh);
     wh.emit(TENANT, "quota.warning", json!({}), "doomed")
         .await
         .unwrap();
-    let rows = eventually(Duration::from_secs(30), "the expired attempt", || async {
+    let rows = eventually("the expired attempt", Duration::from_secs(30), || async {
         let rows = admin.deliveries(TENANT, &wid).await;
         (rows.first()?["outcome"] == "expired").then_some(rows)
     })
@@ -831,7 +840,7 @@ async fn deliveries_that_keep_failing_expire_after_max_age() {
     // Terminated: no more attempts.
     let sent = receiver.hits().len();
     assert_eq!(sent, rows.len());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    drained(&env).await;
     assert_eq!(receiver.hits().len(), sent);
 }
 

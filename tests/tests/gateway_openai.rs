@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tollgate_schemas::events::{Event, EventKind, UsageEvent};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::TestEnv;
 use tollgate_tests::stack::{self, Service};
 
@@ -574,12 +575,33 @@ priority = 1
         .await
         .unwrap();
     assert_eq!(ask().await, ("backup".into(), "1".into()));
+    // The breaker opens during this request, so not before this instant.
+    let opening = tokio::time::Instant::now();
     assert_eq!(ask().await, ("backup".into(), "1".into()));
     // Open: flaky is skipped without an attempt.
     assert_eq!(ask().await, ("backup".into(), "0".into()));
-    // After open_ms, one trial succeeds and closes it.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(ask().await, ("flaky".into(), "0".into()));
+    // After open_ms (500 in the stack's config), one trial succeeds and
+    // closes it; until then every request goes to backup untried. The gateway
+    // is another process, so its clock cannot be driven: wait for the trial
+    // instead of sleeping past the window, and check the window held.
+    eventually(
+        "the breaker half-open",
+        Duration::from_secs(10),
+        async || {
+            let served = ask().await;
+            if served == ("flaky".into(), "0".into()) {
+                return true;
+            }
+            assert_eq!(served, ("backup".into(), "0".into()), "while open");
+            false
+        },
+    )
+    .await;
+    let open_for = opening.elapsed();
+    assert!(
+        open_for >= Duration::from_millis(500),
+        "half-open after {open_for:?}, before open_ms = 500"
+    );
     assert_eq!(ask().await, ("flaky".into(), "0".into()));
     // A dead deployment (connection refused) fails over too.
     let dead = format!(

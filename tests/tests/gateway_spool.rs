@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use tokio::time::Instant;
 use tollgate_gateway::publisher::{Publisher, PublisherConfig, PublisherHandle, REJECTED_DIR};
 use tollgate_schemas::bus::{ConsumerSpec, EventBus, JetStreamBus, Outgoing, StreamSettings};
 use tollgate_schemas::{EventKind, Names};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::NatsServer;
 
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -147,22 +147,6 @@ impl Fixture {
             "stream head {:?}, expected {n}",
             self.bus.head().await
         );
-    }
-}
-
-/// Polls `check` every 50 ms until it holds; fails after `limit`.
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

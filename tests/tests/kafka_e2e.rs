@@ -16,6 +16,7 @@ use tollgate_gateway::publisher::{Publisher, PublisherConfig};
 use tollgate_schemas::bus::{BusKind, EventBus, KafkaBus};
 use tollgate_schemas::events::Event;
 use tollgate_tests::billing::{Billing, billing_config};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::{TansuServer, TestEnv, shared_tansu};
 use tollgate_tests::stack;
 
@@ -199,7 +200,7 @@ async fn kafka_stack_client_seen_tokens_equal_usage() {
     }
     let n = seen.len() as u64;
     let ch = env.ch();
-    wait_until(Duration::from_secs(60), "every request in usage", || {
+    eventually("every request in usage", Duration::from_secs(60), || {
         let ch = ch.clone();
         async move { count(&ch, "SELECT count() FROM usage").await == n }
     })
@@ -230,9 +231,9 @@ async fn kafka_stack_client_seen_tokens_equal_usage() {
         costs.insert(r.request_id.clone(), cost);
     }
     // Billing priced every usage event from Kafka, once, at the same cost.
-    wait_until(
-        Duration::from_secs(60),
+    eventually(
         "billing debited every event",
+        Duration::from_secs(60),
         || {
             let ch = ch.clone();
             async move { count(&ch, "SELECT count() FROM ledger WHERE kind = 'debit'").await == n }
@@ -330,18 +331,18 @@ async fn kafka_broker_unreachable_gateway_spools_and_every_event_arrives_once() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("spool depth reached {max_spooled} events during the outage");
-    wait_until(Duration::from_secs(60), "the spool drained", || {
+    eventually("the spool drained", Duration::from_secs(60), || {
         let p = publisher.clone();
         async move { p.spool_depth() == 0 && p.bus_healthy() }
     })
     .await;
     let ch = env.ch();
-    wait_until(Duration::from_secs(90), "every event in usage", || {
+    eventually("every event in usage", Duration::from_secs(90), || {
         let ch = ch.clone();
         async move { count(&ch, "SELECT count() FROM usage").await == N }
     })
     .await;
-    wait_until(Duration::from_secs(60), "the meters' group idle", || {
+    eventually("the meters' group idle", Duration::from_secs(60), || {
         let bus = bus.clone();
         async move { matches!(bus.pending("meter").await, Ok(0)) }
     })

@@ -12,6 +12,7 @@ use meter_common::*;
 use rand::Rng;
 use tollgate_schemas::bus::{EventBus, KafkaBus};
 use tollgate_schemas::events::Event;
+use tollgate_tests::eventually;
 use tollgate_tests::harness::{TestEnv, shared_tansu};
 
 /// The meters' consumer group has committed everything (`pending` counts
@@ -39,7 +40,7 @@ fn config_file(env: &TestEnv, dir: &std::path::Path, max_events: usize) -> std::
 async fn wait_exact(env: &TestEnv, bus: &KafkaBus, events: &[Event], within: Duration) {
     let ch = env.ch();
     let n = events.len() as u64;
-    wait_until(within, "every event in usage and the group idle", || {
+    eventually("every event in usage and the group idle", within, || {
         let ch = ch.clone();
         async move { count(&ch, "SELECT count() FROM usage").await == n && group_idle(bus).await }
     })

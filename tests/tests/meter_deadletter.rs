@@ -16,6 +16,7 @@ use futures::StreamExt;
 use meter_common::*;
 use tollgate_meter::pipeline::{DEADLETTER_REASON_HEADER, DEADLETTER_SEQ_HEADER};
 use tollgate_schemas::events::{Event, EventKind};
+use tollgate_tests::eventually;
 use tollgate_tests::harness::TestEnv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,9 +58,9 @@ async fn poison_messages_are_dead_lettered_counted_and_the_stream_flows() {
     publish_all(&bus, msgs).await;
 
     let ch = env.ch();
-    wait_until(
-        Duration::from_secs(20),
+    eventually(
         "the events after the poison stored",
+        Duration::from_secs(20),
         || {
             let (ch, url, names) = (ch.clone(), env.nats_url.clone(), env.names.clone());
             async move {

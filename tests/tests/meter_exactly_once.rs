@@ -18,6 +18,7 @@ use tollgate_schemas::bus::EventBus;
 use tollgate_schemas::events::{
     ApiFormat, CountSource, Event, EventMeta, RequestEvent, TokenCountEvent,
 };
+use tollgate_tests::eventually;
 use tollgate_tests::harness::TestEnv;
 
 /// Kill -9 the meter at random points under load, many times, with a pause
@@ -82,9 +83,9 @@ async fn kill_9_between_insert_and_ack_loses_and_doubles_nothing() {
 
     let _final = MeterProcess::spawn(&config, dir.path().join("meter-final.log"), &[], &["run"]);
     let ch = env.ch();
-    wait_until(
-        Duration::from_secs(40),
+    eventually(
         "every event in usage and the consumer idle",
+        Duration::from_secs(40),
         || {
             let ch = ch.clone();
             let (url, names) = (env.nats_url.clone(), env.names.clone());
@@ -171,9 +172,9 @@ async fn republished_events_with_new_message_ids_change_nothing() {
         }
     };
     let total = events.len() as u64;
-    wait_until(
-        Duration::from_secs(30),
+    eventually(
         "the first publication stored",
+        Duration::from_secs(30),
         settled(total),
     )
     .await;
@@ -193,9 +194,9 @@ async fn republished_events_with_new_message_ids_change_nothing() {
             .collect();
         publish_all(&bus, again).await;
     }
-    wait_until(
-        Duration::from_secs(30),
+    eventually(
         "both re-publications consumed",
+        Duration::from_secs(30),
         settled(3 * total),
     )
     .await;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use meter_common::*;
 use tollgate_schemas::events::Event;
+use tollgate_tests::eventually;
 use tollgate_tests::harness::{ClickHouseServer, TestEnv, ch_client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +42,7 @@ async fn clickhouse_outage_under_load_loses_nothing_and_the_meter_recovers_witho
     let events: Vec<Event> = (0..N).map(usage_event).collect();
     let load = spawn_load(&bus, &env.names, &events, Duration::from_millis(60));
     let ch = ch_client(&ch_url).with_database("tollgate");
-    wait_until(Duration::from_secs(20), "the meter storing events", || {
+    eventually("the meter storing events", Duration::from_secs(20), || {
         let ch = ch.clone();
         async move { count(&ch, "SELECT count() FROM usage").await > 0 }
     })
@@ -72,9 +73,9 @@ async fn clickhouse_outage_under_load_loses_nothing_and_the_meter_recovers_witho
         .await
         .unwrap()
         .unwrap();
-    wait_until(
-        Duration::from_secs(40),
+    eventually(
         "every event stored after the outage",
+        Duration::from_secs(40),
         || {
             let (ch, url, names) = (ch.clone(), env.nats_url.clone(), env.names.clone());
             async move {
@@ -120,9 +121,9 @@ async fn graceful_shutdown_flushes_the_partial_batch_and_commits_it() {
     .await;
 
     let js = async_nats::jetstream::new(env.nats().await.unwrap());
-    wait_until(
-        Duration::from_secs(20),
+    eventually(
         "all ten delivered to the meter",
+        Duration::from_secs(20),
         || {
             let (js, names) = (js.clone(), env.names.clone());
             async move {
@@ -180,7 +181,7 @@ async fn meters_sharing_the_durable_consumer_store_each_event_once() {
     )
     .await;
     let ch = env.ch();
-    wait_until(Duration::from_secs(30), "every event stored", || {
+    eventually("every event stored", Duration::from_secs(30), || {
         let (ch, url, names) = (ch.clone(), env.nats_url.clone(), env.names.clone());
         async move {
             count(&ch, "SELECT count() FROM usage").await == 3_000
@@ -222,9 +223,9 @@ async fn kill_9_mid_work_the_next_meter_stores_everything_within_seconds() {
     const N: u64 = 2_000;
     let events: Vec<Event> = (0..N).map(usage_event).collect();
     let load = spawn_load(&bus, &env.names, &events, Duration::from_millis(40));
-    wait_until(
-        Duration::from_secs(30),
+    eventually(
         "the first meter storing events",
+        Duration::from_secs(30),
         || {
             let ch = ch.clone();
             async move { count(&ch, "SELECT count() FROM usage").await > 0 }
@@ -247,9 +248,9 @@ async fn kill_9_mid_work_the_next_meter_stores_everything_within_seconds() {
 
     let started = std::time::Instant::now();
     let _next = MeterProcess::spawn(&config, dir.path().join("meter-2.log"), &[], &["run"]);
-    wait_until(
-        Duration::from_secs(90),
+    eventually(
         "every event stored by the next meter",
+        Duration::from_secs(90),
         || {
             let ch = ch.clone();
             async move { count(&ch, "SELECT count() FROM usage").await == N }

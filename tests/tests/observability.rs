@@ -55,16 +55,15 @@ struct World {
 }
 
 async fn wait_healthy(http: &reqwest::Client, url: &str, what: &str, log: &dyn Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not start; its log:\n{}", log());
+    let what = format!("{what} to start");
+    let log = || format!("; its log:\n{}", log());
+    tollgate_tests::eventually_or(&what, Duration::from_secs(30), log, async || {
+        http.get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
 }
 
 impl World {
@@ -368,34 +367,27 @@ impl Metrics {
     }
 }
 
-async fn eventually<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if start.elapsed() >= timeout {
-            let spans: Vec<String> = RECEIVED
-                .lock()
-                .unwrap()
-                .as_ref()
-                .map(|r| r.spans())
-                .unwrap_or_default()
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{} {} {} parent={} links={:?}",
-                        s.service, s.name, s.trace_id, s.parent_span_id, s.links
-                    )
-                })
-                .collect();
-            panic!(
-                "timed out waiting for {what}; spans received:\n{}",
-                spans.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The shared `eventually`, listing the spans received so far on a timeout.
+async fn eventually<T>(what: &str, timeout: Duration, f: impl AsyncFnMut() -> Option<T>) -> T {
+    tollgate_tests::eventually_or(what, timeout, received_spans, f).await
+}
+
+fn received_spans() -> String {
+    let spans: Vec<String> = RECEIVED
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|r| r.spans())
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} parent={} links={:?}",
+                s.service, s.name, s.trace_id, s.parent_span_id, s.links
+            )
+        })
+        .collect();
+    format!("; spans received:\n{}", spans.join("\n"))
 }
 
 /// The receiver, for timeout diagnostics.

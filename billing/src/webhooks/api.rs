@@ -8,11 +8,9 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bytes::Bytes;
 use chrono::Utc;
 use serde::Deserialize;
@@ -22,38 +20,37 @@ use serde_json::{Value, json};
 use super::endpoint::{self, Endpoint};
 use super::{Inner, guard, is_event_type, log};
 use crate::api_error::{ApiError, ApiResult};
+use crate::routes::Routes;
 
 pub(crate) type TenantExists = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 #[derive(Clone)]
-struct Api {
+pub(crate) struct Api {
     inner: Arc<Inner>,
     tenant_exists: TenantExists,
 }
 
-pub(crate) fn router(inner: Arc<Inner>, tenant_exists: TenantExists) -> Router {
-    Router::new()
-        .route("/admin/tenants/{id}/webhooks", post(create).get(list))
-        .route(
-            "/admin/tenants/{id}/webhooks/{wid}",
-            get(show).patch(update).delete(remove),
-        )
-        .route(
-            "/admin/tenants/{id}/webhooks/{wid}/rotate-secret",
-            post(rotate),
-        )
-        .route(
-            "/admin/tenants/{id}/webhooks/{wid}/deliveries",
-            get(deliveries),
-        )
-        .route(
+/// The routes, stateless (so they can be listed without a service).
+pub(crate) fn routes() -> Routes<Api> {
+    Routes::new()
+        .post("/admin/tenants/{id}/webhooks", create)
+        .get("/admin/tenants/{id}/webhooks", list)
+        .get("/admin/tenants/{id}/webhooks/{wid}", show)
+        .patch("/admin/tenants/{id}/webhooks/{wid}", update)
+        .delete("/admin/tenants/{id}/webhooks/{wid}", remove)
+        .post("/admin/tenants/{id}/webhooks/{wid}/rotate-secret", rotate)
+        .get("/admin/tenants/{id}/webhooks/{wid}/deliveries", deliveries)
+        .post(
             "/admin/tenants/{id}/webhook-deliveries/{delivery_id}/redeliver",
-            post(redeliver),
+            redeliver,
         )
-        .with_state(Api {
-            inner,
-            tenant_exists,
-        })
+}
+
+pub(crate) fn state(inner: Arc<Inner>, tenant_exists: TenantExists) -> Api {
+    Api {
+        inner,
+        tenant_exists,
+    }
 }
 
 impl Api {

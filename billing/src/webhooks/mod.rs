@@ -48,6 +48,14 @@
 //! logged (the record's `Debug` redacts them).
 
 mod api;
+
+/// The admin API's state (opaque outside the module).
+pub(crate) use api::Api as AdminApi;
+
+/// The admin routes, stateless, for [`crate::admin`]'s tables.
+pub(crate) fn admin_api_routes() -> crate::routes::Routes<AdminApi> {
+    api::routes()
+}
 mod endpoint;
 mod guard;
 mod log;
@@ -275,6 +283,16 @@ impl Webhooks {
         &self,
         tenant_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> axum::Router {
-        api::router(self.inner.clone(), tenant_exists)
+        self.admin_routes(api::routes(), tenant_exists)
+            .into_router()
+    }
+
+    /// `routes` (from [`api::routes`]) given their state, keeping their list.
+    pub(crate) fn admin_routes(
+        &self,
+        routes: crate::routes::Routes<api::Api>,
+        tenant_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> crate::routes::Routes {
+        routes.with_state(api::state(self.inner.clone(), tenant_exists))
     }
 }

@@ -4,11 +4,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Timelike, Utc};
@@ -229,22 +228,6 @@ impl InProcessMeter {
             .unwrap()
             .unwrap();
     }
-}
-
-/// Polls `f` until it returns true, at most `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 pub async fn count(ch: &clickhouse::Client, sql: &str) -> u64 {
@@ -481,16 +464,11 @@ pub fn kafka_meter_toml(
 
 /// Waits until `log`'s file contains `needle` (bounded).
 pub async fn wait_for_log(log: &Path, needle: &str, timeout: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{} never said {needle:?} within {timeout:?}:\n{}",
-        log.display(),
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+    tollgate_tests::eventually_or(
+        &format!("{} to say {needle:?}", log.display()),
+        timeout,
+        || format!(":\n{}", std::fs::read_to_string(log).unwrap_or_default()),
+        async || std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)),
+    )
+    .await;
 }
