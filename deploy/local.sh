@@ -82,10 +82,18 @@ install_tansu() {
 install_test_tools() {
   install_runtime
   install_tansu
-  apt_install python3-venv wrk
-  local venv=$LOCAL/venv
+  apt_install wrk
+  install_venv
+}
+
+# .local/venv: the official openai and anthropic SDKs (and the test tools),
+# for the README's snippet and the SDK suite. Always the checkout's own
+# (TOLLGATE_VENV moves it), also for a stack under another TOLLGATE_LOCAL_DIR.
+install_venv() {
+  apt_install python3-venv
+  local venv=${TOLLGATE_VENV:-$ROOT/.local/venv}
   if [ ! -x "$venv/bin/pytest" ] || ! cmp -s "$ROOT/tests/python/requirements.txt" "$venv/requirements.txt"; then
-    log "creating the Python test venv (official openai and anthropic SDKs)"
+    log "creating the Python venv .local/venv (official openai and anthropic SDKs)"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
     "$venv/bin/pip" install -q -r "$ROOT/tests/python/requirements.txt"
@@ -297,6 +305,7 @@ SERVICES=(meter gateway billing mock kafka clickhouse nats otlp-sink floor)
 cmd_up() {
   install_runtime
   mkdir -p "$LOCAL"
+  install_venv
   build
   ADMIN_KEY=$(secret admin-key tg_admin_)
   start_nats
