@@ -638,6 +638,18 @@ async fn run_into_zero(load: &Load, recovered: Instant, after_recovery: Duration
     tokio::time::sleep_until(until).await;
 }
 
+/// Stops the clients and checks they reached zero (else the test proves nothing).
+async fn stop_clients(load: &Load, clients: Vec<tokio::task::JoinHandle<()>>) {
+    load.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(
+        load.refused.load(Ordering::Relaxed) > 0,
+        "the clients never reached zero; the test proves nothing"
+    );
+}
+
 async fn wait_spent(load: &Load, at_least: Decimal, within: Duration) {
     let deadline = Instant::now() + within;
     while load.spent() < at_least {
@@ -687,14 +699,7 @@ async fn kill_9_of_billing_under_prepaid_traffic_never_forgets_spend() {
     // Long enough for the dead process's messages to come back (ack_wait
     // 5 s) and for the clients to run into zero.
     run_into_zero(&load, Instant::now(), Duration::from_secs(10)).await;
-    load.stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    assert!(
-        load.refused.load(Ordering::Relaxed) > 0,
-        "the clients never reached zero; the test proves nothing"
-    );
+    stop_clients(&load, clients).await;
     stop_sampling.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let usage = usage_positions(&s.env, tenant).await;
@@ -763,14 +768,7 @@ async fn clickhouse_outage_under_prepaid_traffic_never_forgets_spend() {
         "{spent_at_recovery} spent when ClickHouse was back, {} at the end",
         load.spent()
     );
-    load.stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    assert!(
-        load.refused.load(Ordering::Relaxed) > 0,
-        "the clients never reached zero; the test proves nothing"
-    );
+    stop_clients(&load, clients).await;
     stop_sampling.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap();
     let down = samples.markers.iter().filter(|(_, ok)| !ok).count();
@@ -820,14 +818,7 @@ async fn nats_restarts_under_prepaid_traffic_lose_and_double_count_nothing() {
         "the credit ran out during the restarts; spending after them is not tested"
     );
     run_into_zero(&load, Instant::now(), Duration::from_secs(10)).await;
-    load.stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    assert!(
-        load.refused.load(Ordering::Relaxed) > 0,
-        "the clients never reached zero; the test proves nothing"
-    );
+    stop_clients(&load, clients).await;
     let overspend = assert_overspend_within_bound(granted, &load);
     assert_settled(&s, tenant, granted, &load).await;
     println!("12 NATS restarts: overspend {overspend}, every 200 metered and priced once");

@@ -105,14 +105,7 @@ async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
     assert_eq!(body["spooling"], true, "{body}");
     nats.restart().unwrap();
     rids.extend(send(20).await);
-    let events = stack::events(
-        &nats.url(),
-        &env,
-        EventKind::Usage,
-        80,
-        Duration::from_secs(30),
-    )
-    .await;
+    let events = usage_events(&nats, &env, 80, Duration::from_secs(30)).await;
     let ids = usage_ids(&events);
     assert_eq!(ids.len(), 80, "every usage event arrives exactly once");
     assert_eq!(
@@ -125,6 +118,14 @@ async fn nats_stopped_during_traffic_then_restarted_every_event_arrives_once() {
 
 /// A child process killed when dropped, so a failing test leaks nothing.
 struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// `kill -9`, and waits for the process to be gone.
+    fn kill9(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -197,6 +198,11 @@ impl GatewayBin {
 
 fn rid(r: &reqwest::Response) -> String {
     r.headers()["x-request-id"].to_str().unwrap().to_owned()
+}
+
+/// The usage events in `env`'s stream, waiting up to `timeout` for `n`.
+async fn usage_events(nats: &NatsServer, env: &TestEnv, n: usize, timeout: Duration) -> Vec<Event> {
+    stack::events(&nats.url(), env, EventKind::Usage, n, timeout).await
 }
 
 /// Every request id of `rids` has exactly one usage event.
@@ -292,14 +298,7 @@ async fn nats_sigterm_and_restart_twelve_times_under_traffic_loses_nothing() {
         "traffic ran throughout: {} requests",
         rids.len()
     );
-    let events = stack::events(
-        &nats.url(),
-        &env,
-        EventKind::Usage,
-        rids.len(),
-        Duration::from_secs(60),
-    )
-    .await;
+    let events = usage_events(&nats, &env, rids.len(), Duration::from_secs(60)).await;
     assert_exactly_once(&events, &rids);
     assert_eq!(
         rejected_lines(&dir.path().join("data")),
@@ -334,19 +333,11 @@ async fn gateway_killed_while_nats_is_frozen_loses_no_event() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     // The client had its answer; now the gateway dies with no chance to flush.
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    child.kill9(); // no drain, no flush: only what is on disk survives
     nats.thaw().unwrap();
     let child = gw.spawn();
     gw.wait_up().await;
-    let events = stack::events(
-        &nats.url(),
-        &env,
-        EventKind::Usage,
-        rids.len(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let events = usage_events(&nats, &env, rids.len(), Duration::from_secs(30)).await;
     drop(child);
     assert!(rids.len() > 40, "{} requests while frozen", rids.len());
     assert_exactly_once(&events, &rids);
@@ -415,14 +406,7 @@ async fn gateway_starts_and_serves_while_nats_is_down() {
     assert!(err["error"]["message"].is_string(), "{err}");
 
     nats.restart().unwrap();
-    let events = stack::events(
-        &nats.url(),
-        &env,
-        EventKind::Usage,
-        rids.len(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let events = usage_events(&nats, &env, rids.len(), Duration::from_secs(30)).await;
     assert_exactly_once(&events, &rids);
     // Once NATS is back, keys it never cached work too.
     stack::put_key(&nats.url(), &env, "tg_new", stack::key("acme", "k2")).await;
@@ -509,8 +493,7 @@ async fn a_restarted_gateway_still_counts_the_spend_in_its_spool() {
             "the local debit refuses once the credit is spent"
         );
     }
-    child.0.kill().unwrap(); // no drain: the usage is only in the spool
-    child.0.wait().unwrap();
+    child.kill9(); // no drain, no flush: only what is on disk survives
     let child = gw.spawn();
     gw.wait_up().await;
     let r = gw.chat("tg_spent").await;
@@ -589,20 +572,12 @@ async fn gateway_killed_with_events_in_the_spool_delivers_them_after_restart() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    child.0.kill().unwrap(); // SIGKILL: no drain, no flush
-    child.0.wait().unwrap();
+    child.kill9(); // no drain, no flush: only what is on disk survives
     assert!(spool.exists());
     nats.restart().unwrap();
     let child = gw.spawn();
     gw.wait_up().await;
-    let events = stack::events(
-        &nats.url(),
-        &env,
-        EventKind::Usage,
-        rids.len(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let events = usage_events(&nats, &env, rids.len(), Duration::from_secs(30)).await;
     drop(child);
     let got: HashSet<String> = usage_ids(&events).into_iter().collect();
     for rid in &rids[1..] {
