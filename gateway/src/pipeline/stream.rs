@@ -120,12 +120,20 @@ impl Stream for StreamRelay {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.framer.push(&chunk, &mut this.events);
+                    let terminal = this.events.iter().any(is_terminal);
                     let mut out = BytesMut::new();
                     for ev in this.events.drain(..) {
                         this.translator.on_event(&ev, &mut out);
                     }
                     if this.first_token.is_none() && this.translator.saw_content() {
                         this.first_token = this.finish.as_ref().map(|f| f.started.elapsed());
+                    }
+                    if terminal {
+                        // The upstream's last event is in hand (its usage came
+                        // before it): record now, so the usage is on disk and
+                        // the limiter slots are free before the client can
+                        // see the end, not only once the upstream closes.
+                        this.finish();
                     }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out.freeze())));
@@ -153,6 +161,16 @@ impl Stream for StreamRelay {
             }
         }
     }
+}
+
+/// The upstream's own end of stream: OpenAI's `data: [DONE]`, Anthropic's
+/// `message_stop`, the Responses API's `response.completed`.
+fn is_terminal(ev: &SseEvent) -> bool {
+    ev.data == "[DONE]"
+        || matches!(
+            ev.event.as_deref(),
+            Some("message_stop" | "response.completed")
+        )
 }
 
 /// The error event a client gets when the upstream cuts a stream off.
